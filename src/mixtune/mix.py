@@ -1,0 +1,69 @@
+"""mix: the training set from `specialist_size` specialist examples plus a generalist share.
+
+generalist_share r is the fraction of the FINAL training set drawn from the generalist pool:
+    n_g = round(n_s * r / (1 - r))        e.g. n_s = 300, r = 0.25 -> n_g = 100 (400 in all)
+Both sources are sampled without replacement with one seeded generator; asking for more than a source holds
+is an error, never silent oversampling. Lines are copied as bytes, so mixing a million examples is I/O bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from mixtune.config import MixConfig
+from mixtune.errors import MixtuneError
+from mixtune.files import atomic_dir, write_json
+
+
+def generalist_count(specialist_size: int, share: float) -> int:
+    return round(specialist_size * share / (1 - share))
+
+
+def _lines(path: Path) -> list[bytes]:
+    if not path.is_file():
+        raise MixtuneError(f"{path}: no such file (run the prepare stage first)")
+    with open(path, "rb") as f:
+        return [line for line in f if line.strip()]
+
+
+def _sample(lines: list[bytes], k: int, rng: np.random.Generator, what: str, path: Path) -> list[bytes]:
+    if k > len(lines):
+        raise MixtuneError(f"{path}: {what}: needs {k} examples but holds only {len(lines)}")
+    idx = rng.choice(len(lines), size=k, replace=False) if k else []
+    return [lines[i] for i in idx]
+
+
+def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix")) -> dict:
+    rng = np.random.default_rng(cfg.seed)
+    spec_path, gen_path = prepared / "specialist" / "train.jsonl", prepared / "generalist.jsonl"
+    n_g = generalist_count(cfg.specialist_size, cfg.generalist_share)
+    specialist = _sample(_lines(spec_path), cfg.specialist_size, rng, "mix.specialist_size", spec_path)
+    generalist = _sample(_lines(gen_path), n_g, rng, f"mix.generalist_share={cfg.generalist_share}", gen_path) if n_g else []
+    mixed = specialist + generalist
+    mixed = [mixed[i] for i in rng.permutation(len(mixed))]
+
+    by_source, by_task = Counter(), Counter()
+    for line in mixed:
+        ex = json.loads(line)
+        by_source[ex["source"]] += 1
+        by_task[ex["task"]] += 1
+    data = b"".join(mixed)
+    manifest = {
+        "specialist_size": cfg.specialist_size,
+        "generalist_share": cfg.generalist_share,
+        "generalist_size": n_g,
+        "total": len(mixed),
+        "seed": cfg.seed,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "by_source": dict(sorted(by_source.items())),
+        "by_task": dict(sorted(by_task.items())),
+    }
+    with atomic_dir(out) as tmp:
+        (tmp / "train.jsonl").write_bytes(data)
+        write_json(tmp / "manifest.json", manifest)
+    return manifest

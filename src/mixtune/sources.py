@@ -1,0 +1,271 @@
+"""Sources: read each kind (local file, Hugging Face dataset, BIG-bench archive) into normalized examples.
+
+Every problem is one line naming the file, the line or record, and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mixtune.config import BigbenchSource, FileSource, HFSource
+from mixtune.errors import MixtuneError
+from mixtune.schema import make_example
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant",
+         "human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+# --- raw records ----------------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MixtuneError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#x}); re-save the file as UTF-8") from None
+
+
+def _file_records(src: FileSource, root: Path) -> Iterator[tuple[str, object]]:
+    path = root / src.path
+    fmt = src.file_format or path.suffix.lstrip(".").lower()
+    if not path.is_file():
+        raise MixtuneError(f"{src.path}: source '{src.name}': no such file")
+    if fmt not in ("jsonl", "json", "csv", "parquet"):
+        raise MixtuneError(f"{src.path}: source '{src.name}': unknown file format '{fmt}' "
+                           "(use jsonl, json, csv or parquet, or set file_format)")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise MixtuneError(f"{src.path}: not a readable parquet file: {e}") from None
+        for i, row in enumerate(rows, 1):
+            yield f"{src.path}: record {i}", row
+        return
+    text = _decode(path.read_bytes(), Path(src.path))
+    if fmt == "jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{src.path}:{i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MixtuneError(f"{src.path}:{i}: not valid JSON: {e.msg} at column {e.colno}") from None
+    elif fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MixtuneError(f"{src.path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(data, list):
+            raise MixtuneError(f"{src.path}: expected a JSON array of records")
+        for i, row in enumerate(data, 1):
+            yield f"{src.path}: record {i}", row
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield f"{src.path}:{reader.line_num}", row
+
+
+def _hf_records(src: HFSource) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(src.dataset, src.config, split=src.split,
+                                   data_files=src.data_files, revision=src.revision)
+    except Exception as e:  # hub, network and builder errors all land here
+        raise MixtuneError(f"hf:{src.dataset}: source '{src.name}': cannot load: {str(e).splitlines()[0]}") from None
+    for i, row in enumerate(ds, 1):
+        yield f"hf:{src.dataset}[{src.split}] record {i}", row
+
+
+# --- formats --------------------------------------------------------------------------------------------------
+
+
+def _field(where: str, row: object, src, name: str, *, required: bool = True) -> object:
+    if not isinstance(row, dict):
+        raise MixtuneError(f"{where}: expected an object with fields, got {type(row).__name__}")
+    col = src.columns.get(name, name)
+    value = row.get(col)
+    if required and (value is None or (isinstance(value, str | list) and len(value) == 0)):
+        state = "missing" if col not in row else "empty"
+        raise MixtuneError(f"{where}: field '{col}': {state}")
+    return value
+
+
+def _text(where: str, value: object, col: str) -> str:
+    if not isinstance(value, str):
+        raise MixtuneError(f"{where}: field '{col}': expected text, got {type(value).__name__}")
+    return value
+
+
+def _messages(where: str, value: object, col: str) -> list[dict]:
+    if not isinstance(value, list):
+        raise MixtuneError(f"{where}: field '{col}': expected a list of messages")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise MixtuneError(f"{where}: field '{col}[{j}]': expected a message object")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role not in ROLES:
+            raise MixtuneError(f"{where}: field '{col}[{j}].role': unknown role {role!r}")
+        if not isinstance(content, str) or not content.strip():
+            raise MixtuneError(f"{where}: field '{col}[{j}].content': missing or empty")
+        out.append({"role": ROLES[role], "content": content})
+    return out
+
+
+def _with_system(src, prompt: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": src.system}] if src.system else []) + prompt
+
+
+def classification_prompt(instruction: str, text: str, labels: list[str]) -> str:
+    return f"{instruction}\n\n{text}\n\nAnswer with one of: {', '.join(labels)}."
+
+
+def _normalize(src, where: str, row: object, labels: list[str] | None) -> tuple[list[dict], str, list | None]:
+    """-> (prompt messages, completion, options) for one record of a file or hf source."""
+    fmt = src.format
+    if fmt == "alpaca":
+        instruction = _text(where, _field(where, row, src, "instruction"), src.columns.get("instruction", "instruction"))
+        extra = _field(where, row, src, "input", required=False) or ""
+        output = _text(where, _field(where, row, src, "output"), src.columns.get("output", "output"))
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        return _with_system(src, [{"role": "user", "content": user}]), output, None
+    if fmt == "messages":
+        col = src.columns.get("messages", "messages")
+        if isinstance(row, dict) and col not in row and "conversations" in row:  # ShareGPT
+            col = "conversations"
+        msgs = _messages(where, _field(where, row, src.model_copy(update={"columns": {"messages": col}}),
+                                       "messages"), col)
+        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            raise MixtuneError(f"{where}: field '{col}': must end with an assistant message after a prompt")
+        return _with_system(src, msgs[:-1]), msgs[-1]["content"], None
+    if fmt == "prompt_completion":
+        pcol, ccol = src.columns.get("prompt", "prompt"), src.columns.get("completion", "completion")
+        p, c = _field(where, row, src, "prompt"), _field(where, row, src, "completion")
+        prompt = _messages(where, p, pcol) if isinstance(p, list) else [{"role": "user", "content": _text(where, p, pcol)}]
+        if isinstance(c, list):
+            c = _messages(where, c, ccol)[-1]["content"]
+        return _with_system(src, prompt), _text(where, c, ccol), None
+    # classification: text + label
+    tcol, lcol = src.columns.get("text", "text"), src.columns.get("label", "label")
+    text = _text(where, _field(where, row, src, "text"), tcol)
+    label = str(_field(where, row, src, "label")).strip()
+    if label not in labels:
+        raise MixtuneError(f"{where}: field '{lcol}': label {label!r} is not in the label set {labels}")
+    if src.max_input_words:  # cut after the Nth word, keeping the text's own line breaks
+        words = list(re.finditer(r"\S+", text))
+        if len(words) > src.max_input_words:
+            text = text[: words[src.max_input_words - 1].end()]
+    return _with_system(src, [{"role": "user", "content": classification_prompt(src.instruction, text, labels)}]), label, labels
+
+
+def _record_examples(src: FileSource | HFSource, root: Path) -> Iterator[dict]:
+    rows = list(_file_records(src, root) if src.kind == "file" else _hf_records(src))
+    labels = None
+    if src.format == "classification":
+        lcol = src.columns.get("label", "label")
+        labels = src.labels or sorted({str(r.get(lcol)).strip() for _, r in rows if isinstance(r, dict) and r.get(lcol) is not None})
+    for n, (where, row) in enumerate(rows):
+        prompt, completion, options = _normalize(src, where, row, labels)
+        yield make_example(id=f"{src.name}/{n}", source=src.name, task=src.task_name, keywords=src.keywords,
+                           capability=src.capability, prompt=prompt, completion=completion, options=options)
+
+
+# --- BIG-bench ------------------------------------------------------------------------------------------------
+
+_TASKS_DIR = "/bigbench/benchmark_tasks/"
+
+
+def _selected(src: BigbenchSource, task: str, keywords: list[str]) -> bool:
+    def named(names: list[str]) -> bool:  # a task name also selects its subtasks
+        return any(task == n or task.startswith(n + "/") for n in names)
+
+    kw = {k.lower() for k in keywords}
+    return ((not src.tasks or named(src.tasks)) and not named(src.exclude_tasks)
+            and (not src.include_keywords or bool(kw & {k.lower() for k in src.include_keywords}))
+            and not kw & {k.lower() for k in src.exclude_keywords})
+
+
+def _bigbench_example(task_json: dict, ex: dict) -> tuple[str, str, list[str] | None] | None:
+    """-> (user text, completion, options), or None for an example with no usable answer."""
+    text = (task_json.get("task_prefix") or "") + str(ex.get("input", ""))
+    scores = ex.get("target_scores")
+    if isinstance(scores, dict) and scores:
+        options = [str(k) for k in scores]
+        best = max(scores, key=lambda k: scores[k])
+        text += "\n\nOptions:\n" + "\n".join(f"- {o}" for o in options)
+        return text.strip(), str(best), options
+    target = ex.get("target")
+    if isinstance(target, list):
+        target = target[0] if target else None
+    if not isinstance(target, str) or not target.strip() or not text.strip():
+        return None
+    return text.strip(), target, None
+
+
+def bigbench_tasks(path: Path) -> Iterator[tuple[str, dict]]:
+    """Stream (task name, task.json) from the sdist without extracting it (1.7 GB of JSON unpacked)."""
+    with tarfile.open(path, "r|gz") as tf:
+        for m in tf:
+            if not m.name.endswith("/task.json") or _TASKS_DIR not in m.name:
+                continue
+            name = m.name.split(_TASKS_DIR, 1)[1].rsplit("/task.json", 1)[0]
+            yield name, json.load(tf.extractfile(m))
+
+
+def _bigbench_examples(src: BigbenchSource, root: Path, seed: int) -> Iterator[dict]:
+    path = root / src.path
+    if not path.is_file():
+        raise MixtuneError(f"{src.path}: source '{src.name}': no such file (run `mixtune fetch`)")
+    parent_keywords: dict[str, list[str]] = {}
+    pending: list[tuple[str, dict]] = []  # subtasks seen before their parent's keywords
+    try:
+        for name, tj in bigbench_tasks(path):
+            parent_keywords.setdefault(name, tj.get("keywords") or [])
+            if not tj.get("examples"):
+                continue
+            pending.append((name, tj))
+            # Keep only the capped sample of each task in memory, never the whole archive.
+            pending[-1] = (name, {**tj, "examples": _cap(tj["examples"], src.max_per_task, seed, name)})
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise MixtuneError(f"{src.path}: not a readable .tar.gz archive: {e}") from None
+    for name, tj in pending:
+        keywords = tj.get("keywords") or parent_keywords.get(name.split("/")[0], [])
+        if not _selected(src, name, keywords):
+            continue
+        for i, ex in tj["examples"]:
+            parsed = _bigbench_example(tj, ex)
+            if parsed is None:
+                continue
+            text, completion, options = parsed
+            yield make_example(id=f"{src.name}/{name}/{i}", source=src.name, task=name,
+                               keywords=keywords, capability=src.capability or None,
+                               prompt=[{"role": "user", "content": text}], completion=completion, options=options)
+
+
+def _cap(examples: list, k: int, seed: int, task: str) -> list[tuple[int, dict]]:
+    idx = range(len(examples))
+    if len(examples) > k:  # seeded per task, so the sample does not depend on archive order
+        idx = sorted(random.Random(f"{seed}:{task}").sample(range(len(examples)), k))
+    return [(i, examples[i]) for i in idx]
+
+
+# --- entry point ----------------------------------------------------------------------------------------------
+
+
+def read_source(src, root: Path, seed: int = 0) -> list[dict]:
+    examples = list(_bigbench_examples(src, root, seed) if src.kind == "bigbench" else _record_examples(src, root))
+    if not examples:
+        where = getattr(src, "path", None) or f"hf:{getattr(src, 'dataset', '')}"
+        raise MixtuneError(f"{where}: source '{src.name}': no examples")
+    return examples
