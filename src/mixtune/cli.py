@@ -35,6 +35,26 @@ def _mix(args) -> None:
           f"sha256 {m['sha256'][:12]}")
 
 
+def _train(args) -> None:
+    from mixtune import train
+    from mixtune.config import load_section
+
+    m = train.run(load_section("train", args.params), load_section("model", args.params), Path(args.mix), Path(args.out))
+    print(f"train: {m['steps']} steps, {m['trained_tokens']} tokens at {m['tokens_per_second']:.0f} tokens/s, "
+          f"loss {m['train_loss']:.4f}; adapter in {args.out}/adapter")
+
+
+def _evaluate(args) -> None:
+    from mixtune import evaluate
+    from mixtune.config import load_section
+
+    r = evaluate.run(load_section("evaluate", args.params), load_section("model", args.params))
+    key = "accuracy" if "accuracy" in r["tuned"] else "exact_match"
+    t, b, g = r["tuned"], r["base"], r["gain"]
+    print(f"evaluate ({r['split']}, n={r['n']}): tuned {key} {t[key]:.3f} [{t[key + '_low']:.3f}, {t[key + '_high']:.3f}]"
+          f", base {b[key]:.3f}; gain {g[key]:+.3f} [{g[key + '_low']:+.3f}, {g[key + '_high']:+.3f}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Specialist or generalist? Tune a language model for one task and find how much generalist instruction data to mix in.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -54,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", default="prepared")
     p.add_argument("--out", default="mix")
     p.set_defaults(func=_mix)
+
+    p = sub.add_parser("train", help="tune a LoRA adapter on the mix with TRL's SFTTrainer")
+    p.add_argument("--mix", default="mix")
+    p.add_argument("--out", default="train")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score the adapter and the base model on the specialist split")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

@@ -102,19 +102,75 @@ class MixConfig(_Section):
     seed: int = 0
 
 
+class ModelConfig(_Section):
+    base: str = Field(min_length=1)  # a local folder (relative to the repo) or a hub id, for users with the hub
+
+
+class LoraConfig(_Section):
+    r: int = Field(default=16, gt=0)
+    alpha: int = Field(default=32, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)  # > 0 costs ~30% of a CPU step (a copy per module)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(_Section):
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(default=2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    epochs: float = Field(default=2, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    max_length: int = Field(default=512, gt=8)
+    # Packing concatenates examples into one row; with SDPA that row's block mask costs attention quadratic in
+    # the row's length (~4x slower on a CPU here). Worth it on a GPU with FlashAttention varlen kernels.
+    packing: bool = False
+    group_by_length: bool = True  # batches of similar length: less padding when generalist data is mixed in
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    logging_steps: int = Field(default=5, gt=0)
+    save_steps: int = Field(default=20, gt=0)  # checkpoints, so an interrupted run resumes
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    split: Literal["test", "dev"] = "test"
+    batch_size: int = Field(default=16, gt=0)
+    max_new_tokens: int = Field(default=32, gt=0)  # generative tasks
+    max_examples: int | None = Field(default=None, gt=0)
+    generalist_sample: int = Field(default=100, ge=0)  # held-out generalist questions: is general ability kept?
+    bootstrap: int = Field(default=1000, ge=100)  # resamples for the 95% interval
+    seed: int = 0
+
+
 class Params(_Section):
     """params.yaml; every section is optional here so one stage's section validates on its own."""
 
     prepare: PrepareConfig | None = None
     mix: MixConfig | None = None
+    model: ModelConfig | None = None
+    train: TrainConfig | None = None
+    evaluate: EvaluateConfig | None = None
+
+
+_KINDS = ("file", "hf", "bigbench")  # the tags pydantic puts in an error's loc for the Source union
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-    got = e.get("input")
+    parts = [p for p in e["loc"] if not str(p).startswith("function-after")]
+    # Drop the union tag pydantic inserts after a list index: `specialist.0.format`, not `specialist.0.file.format`.
+    parts = [p for i, p in enumerate(parts) if not (p in _KINDS and i and isinstance(parts[i - 1], int))]
+    msg, got = e["msg"], e.get("input")
     got = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
-    return f"{path}: {loc}: {e['msg']}{got}"
+    if e["type"] in ("union_tag_invalid", "union_tag_not_found"):  # name the field: `...0.kind`
+        parts.append("kind")
+        expected = ", ".join(_KINDS)
+        tag = (e.get("ctx") or {}).get("tag")
+        msg, got = (f"unknown source kind (expected one of {expected})", f" (got {tag!r})") if tag is not None \
+            else (f"missing (one of {expected})", "")
+    loc = ".".join(str(p) for p in parts)
+    return f"{path}: {loc}: {msg}{got}"
 
 
 def load_section(section: str, path: str | Path = "params.yaml"):

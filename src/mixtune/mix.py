@@ -47,11 +47,14 @@ def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix
     mixed = specialist + generalist
     mixed = [mixed[i] for i in rng.permutation(len(mixed))]
 
-    by_source, by_task = Counter(), Counter()
-    for line in mixed:
-        ex = json.loads(line)
-        by_source[ex["source"]] += 1
-        by_task[ex["task"]] += 1
+    by_source, by_task, specialist_tasks = Counter(), Counter(), set()
+    for is_specialist, lines in ((True, specialist), (False, generalist)):
+        for line in lines:
+            ex = json.loads(line)
+            by_source[ex["source"]] += 1
+            by_task[ex["task"]] += 1
+            if is_specialist:
+                specialist_tasks.add(ex["task"])
     data = b"".join(mixed)
     manifest = {
         "specialist_size": cfg.specialist_size,
@@ -59,6 +62,7 @@ def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix
         "generalist_size": n_g,
         "total": len(mixed),
         "seed": cfg.seed,
+        "specialist_tasks": sorted(specialist_tasks),
         "sha256": hashlib.sha256(data).hexdigest(),
         "by_source": dict(sorted(by_source.items())),
         "by_task": dict(sorted(by_task.items())),

@@ -25,6 +25,7 @@ ROLES = {"system": "system", "user": "user", "assistant": "assistant",
 
 
 def _decode(data: bytes, path: Path) -> str:
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM (Excel's CSVs) would rename the first column
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -46,7 +47,8 @@ def _file_records(src: FileSource, root: Path) -> Iterator[tuple[str, object]]:
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a bad file
-            raise MixtuneError(f"{src.path}: not a readable parquet file: {e}") from None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # pyarrow's messages span lines
+            raise MixtuneError(f"{src.path}: not a readable parquet file: {first}") from None
         for i, row in enumerate(rows, 1):
             yield f"{src.path}: record {i}", row
         return
@@ -74,12 +76,20 @@ def _file_records(src: FileSource, root: Path) -> Iterator[tuple[str, object]]:
             yield f"{src.path}:{reader.line_num}", row
 
 
-def _hf_records(src: HFSource) -> Iterator[tuple[str, object]]:
+def _local(root: Path, f: str) -> str:
+    """A data_files entry that names a file under `root` (like a file source's path) -> that file."""
+    return str(root / f) if (root / f).exists() else f
+
+
+def _hf_records(src: HFSource, root: Path) -> Iterator[tuple[str, object]]:
     import datasets
 
+    data_files = src.data_files
+    if data_files is not None:
+        data_files = _local(root, data_files) if isinstance(data_files, str) else [_local(root, f) for f in data_files]
     try:
         ds = datasets.load_dataset(src.dataset, src.config, split=src.split,
-                                   data_files=src.data_files, revision=src.revision)
+                                   data_files=data_files, revision=src.revision)
     except Exception as e:  # hub, network and builder errors all land here
         raise MixtuneError(f"hf:{src.dataset}: source '{src.name}': cannot load: {str(e).splitlines()[0]}") from None
     for i, row in enumerate(ds, 1):
@@ -170,7 +180,7 @@ def _normalize(src, where: str, row: object, labels: list[str] | None) -> tuple[
 
 
 def _record_examples(src: FileSource | HFSource, root: Path) -> Iterator[dict]:
-    rows = list(_file_records(src, root) if src.kind == "file" else _hf_records(src))
+    rows = list(_file_records(src, root) if src.kind == "file" else _hf_records(src, root))
     labels = None
     if src.format == "classification":
         lcol = src.columns.get("label", "label")
@@ -197,8 +207,12 @@ def _selected(src: BigbenchSource, task: str, keywords: list[str]) -> bool:
 
 
 def _bigbench_example(task_json: dict, ex: dict) -> tuple[str, str, list[str] | None] | None:
-    """-> (user text, completion, options), or None for an example with no usable answer."""
-    text = (task_json.get("task_prefix") or "") + str(ex.get("input", ""))
+    """-> (user text, completion, options), or None for an example with no usable answer.
+
+    The task's own example_input_prefix / example_output_prefix are part of the question (e.g. anachronisms
+    asks "Does the preceding sentence contain non-contemporaneous (anachronistic) elements?" only there)."""
+    text = ((task_json.get("task_prefix") or "") + (task_json.get("example_input_prefix") or "")
+            + str(ex.get("input", "")) + (task_json.get("example_output_prefix") or ""))
     scores = ex.get("target_scores")
     if isinstance(scores, dict) and scores:
         options = [str(k) for k in scores]
@@ -220,7 +234,13 @@ def bigbench_tasks(path: Path) -> Iterator[tuple[str, dict]]:
             if not m.name.endswith("/task.json") or _TASKS_DIR not in m.name:
                 continue
             name = m.name.split(_TASKS_DIR, 1)[1].rsplit("/task.json", 1)[0]
-            yield name, json.load(tf.extractfile(m))
+            try:
+                tj = json.load(tf.extractfile(m))
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                raise MixtuneError(f"{path}: {m.name}: not valid JSON: {str(e).splitlines()[0]}") from None
+            if not isinstance(tj, dict):
+                raise MixtuneError(f"{path}: {m.name}: expected a JSON object")
+            yield name, tj
 
 
 def _bigbench_examples(src: BigbenchSource, root: Path, seed: int) -> Iterator[dict]:

@@ -1,0 +1,119 @@
+"""MLflow tracking: one experiment per specialist task, one run per stage execution.
+
+The store defaults to `sqlite:///<repo>/mlruns/mlflow.db` with artifacts under `<repo>/mlruns/artifacts`, always
+absolute: `dvc exp run --temp/--queue` runs stages in a copy under `.dvc/tmp/exps/`, and a relative store would
+be logged into that copy and lost. `MLFLOW_TRACKING_URI` overrides it (a team's tracking server).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from mixtune.errors import MixtuneError
+
+_EXPS = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+
+
+def repo_root(cwd: Path | None = None) -> Path:
+    """The user's repository, also from inside a DVC experiment's temporary copy."""
+    path = str((cwd or Path.cwd()).resolve())
+    return Path(path.split(_EXPS, 1)[0]) if _EXPS in path else Path(path)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def experiment_name(specialist_tasks: list[str]) -> str:
+    return "mixtune/" + "+".join(specialist_tasks)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def git_commit() -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path.cwd())
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def data_hash() -> str | None:
+    """The md5 DVC recorded for the raw inputs (data.dvc), so a run names the exact data it saw."""
+    import yaml
+
+    path = Path("data.dvc")
+    if not path.is_file():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+class Timer:
+    """Wall time spent inside MLflow calls, so its overhead is measured, not guessed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict | None = None,
+              timer: Timer | None = None) -> Iterator[object]:
+    """Open the stage's run; it ends FINISHED, FAILED (an error) or KILLED (SIGINT/SIGTERM)."""
+    timer = timer or Timer()
+    with timer():
+        import mlflow
+
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        name = experiment_name(specialist_tasks)
+        try:
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                artifacts = None
+                if uri.startswith("sqlite:///"):
+                    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+                exp_id = mlflow.create_experiment(name, artifact_location=artifacts)
+            else:
+                exp_id = exp.experiment_id
+            run = mlflow.start_run(experiment_id=exp_id, run_name=stage)
+        except Exception as e:  # an unreachable server or a broken store
+            raise MixtuneError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
+        mlflow.set_tags({"mixtune.stage": stage, "mlflow.source.git.commit": git_commit() or "",
+                         "mixtune.data_md5": data_hash() or "", **(tags or {})})
+        flat = {k: ("" if v is None else v) for k, v in flatten(params).items()}
+        for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params(dict(list(flat.items())[i : i + 100]))
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        with timer():
+            if status == "FINISHED":
+                mlflow.log_metric("mlflow_overhead_seconds", timer.seconds)
+            mlflow.end_run(status=status)

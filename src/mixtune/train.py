@@ -1,0 +1,258 @@
+"""train: TRL SFTTrainer + a PEFT LoRA adapter on the mix; loss on the completion only.
+
+Outputs: train/adapter/ (adapter + tokenizer), train/loss.csv (DVC plot), train/metrics.json (DVC metrics).
+Checkpoints go to .cache/checkpoints/<key of inputs and params>: DVC deletes a stage's outputs before it runs,
+so they live outside them, and a re-run after an interruption resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from mixtune.config import ModelConfig, TrainConfig
+from mixtune.errors import MixtuneError
+from mixtune.files import atomic_dir, atomic_file, read_jsonl, write_json
+from mixtune.model import load_base, load_tokenizer, precision, resolve_base
+from mixtune.tracking import Timer, stage_run
+
+# LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
+# frozen base weights get no gradient).
+FLOP_PER_PARAM_TOKEN = 4
+
+
+def to_conversational(example: dict) -> dict:
+    """Our schema -> TRL's conversational prompt-completion form (completion-only loss by default)."""
+    return {"prompt": example["prompt"], "completion": [{"role": "assistant", "content": example["completion"]}]}
+
+
+class _Stop:
+    """SIGINT/SIGTERM during training: finish the step, save a checkpoint, stop; before it: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.in_loop = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        if not self.in_loop:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def completion_loss(model, inputs: dict, num_items_in_batch=None):
+    """Cross-entropy on the completion tokens, projecting through the LM head only where a label exists.
+
+    TRL's fused head tiles the LM head over every position on a CPU (its compact path needs Triton), in fp32,
+    and computes entropy too: about a third of a step here. A classification completion is a few tokens out of
+    ~150, so `logits_to_keep` with the union of labelled positions cuts that to a few percent, through the
+    model's own forward (PEFT, DDP and FSDP wrappers included).
+    """
+    import torch
+
+    labels = inputs["labels"]
+    shifted = labels[:, 1:]
+    keep = (shifted != -100).any(dim=0).nonzero().squeeze(-1)  # positions whose next token is labelled
+    batch = {k: v for k, v in inputs.items() if k != "labels"}
+    out = model(**batch, use_cache=False, logits_to_keep=keep)
+    target = shifted[:, keep]
+    loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), target.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum().clamp(min=1)
+    return loss / n
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class CompletionTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = completion_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as Trainer does: DDP averages the gradients
+            return (loss, None) if return_outputs else loss
+
+    return CompletionTrainer
+
+
+def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            stop.in_loop = True
+            self.t, self.step = time.perf_counter(), state.global_step
+
+        def on_step_end(self, args, state, control, **kw):
+            if stop.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            if not math.isfinite(logs["loss"]):
+                raise MixtuneError(f"training loss is {logs['loss']} at step {state.global_step}; "
+                                   "lower train.learning_rate or check the data")
+            now = time.perf_counter()
+            steps = state.global_step - self.step
+            tps = tokens_per_step * steps / (now - self.t) if steps else 0.0
+            self.t, self.step = now, state.global_step
+            row = {"step": state.global_step, "loss": logs["loss"], "learning_rate": logs.get("learning_rate", 0.0),
+                   "grad_norm": logs.get("grad_norm", 0.0), "tokens_per_second": tps}
+            log_rows.append(row)
+            if state.is_world_process_zero:
+                import mlflow
+
+                with timer():
+                    mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=state.global_step)
+
+    return [Progress()]
+
+
+def checkpoint_key(cfg: TrainConfig, model: ModelConfig, mix_sha: str) -> str:
+    blob = json.dumps([cfg.model_dump(), model.model_dump(), mix_sha], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), out: Path = Path("train"),
+        checkpoints: Path = Path(".cache/checkpoints")) -> dict:
+    manifest_path = mix_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise MixtuneError(f"{manifest_path}: no such file (run the mix stage first)")
+    manifest = json.loads(manifest_path.read_text())
+    base = resolve_base(model_cfg.base)
+    prec = precision(cfg.precision)
+    timer = Timer()
+    params = {"model": model_cfg.model_dump(), "train": cfg.model_dump(),
+              "mix": {k: manifest[k] for k in ("specialist_size", "generalist_share", "generalist_size", "seed")},
+              "precision_used": prec}
+    tags = {"mixtune.mix_sha256": manifest["sha256"]}
+
+    with _Stop() as stop, stage_run("train", manifest["specialist_tasks"], params, tags, timer) as mlrun:
+        t0 = time.perf_counter()
+        import datasets
+        import mlflow
+        from peft import LoraConfig
+        from transformers.trainer_utils import get_last_checkpoint
+        from trl import SFTConfig
+
+        examples = read_jsonl(mix_dir / "train.jsonl")
+        with timer():
+            mlflow.log_input(mlflow.data.from_pandas(
+                __import__("pandas").DataFrame({"id": [e["id"] for e in examples],
+                                                "task": [e["task"] for e in examples]}),
+                source=str((mix_dir / "train.jsonl").resolve()), name=f"mix-{manifest['sha256'][:12]}"),
+                context="training")
+        dataset = datasets.Dataset.from_list([to_conversational(e) for e in examples])
+        tokenizer = load_tokenizer(base)
+        model = load_base(base)
+        ckpt_dir = checkpoints / checkpoint_key(cfg, model_cfg, manifest["sha256"])
+        sft = SFTConfig(
+            output_dir=str(ckpt_dir),
+            use_cpu=not _cuda(),
+            bf16=prec == "bf16", fp16=prec == "fp16",
+            activation_checkpointing=False,  # costs ~45% on a CPU; memory is not the limit for LoRA here
+            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
+            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+            max_length=cfg.max_length, packing=cfg.packing,
+            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+            logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+            seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        )
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        log_rows: list[dict] = []
+        trainer = _trainer_class()(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=lora)
+        tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+        steps_per_epoch = math.ceil(len(trainer.train_dataset) / (cfg.batch_size * cfg.grad_accum))
+        for cb in _callbacks(stop, tokens_per_epoch / steps_per_epoch, timer, log_rows):
+            trainer.add_callback(cb)
+        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if resume:
+            print(f"train: resuming from {resume}")
+        t_train = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=resume)
+        train_seconds = time.perf_counter() - t_train
+        stop.in_loop = False
+        if stop.requested:
+            print(f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
+            raise KeyboardInterrupt
+
+        trained_tokens = round(tokens_per_epoch * trainer.state.epoch)
+        new_tokens = trained_tokens - (round(tokens_per_epoch * _resumed_epoch(resume)) if resume else 0)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        tps = new_tokens / train_seconds
+        metrics = {
+            "train_loss": result.training_loss, "final_loss": log_rows[-1]["loss"] if log_rows else None,
+            "steps": trainer.state.global_step, "trained_tokens": trained_tokens,
+            "tokens_per_second": tps, "model_tflops_per_second": tps * FLOP_PER_PARAM_TOKEN * n_params / 1e12,
+            "train_seconds": train_seconds, "resumed": bool(resume),
+        }
+        with atomic_dir(out / "adapter") as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        with atomic_file(out / "loss.csv") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
+            w.writeheader()
+            w.writerows(log_rows)
+        with timer():
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+            mlflow.log_dict(manifest, "mix_manifest.json")
+            mlflow.log_artifact(str(out / "loss.csv"))
+            log_adapter(trainer.model, tokenizer, base)
+        metrics["mlflow_seconds"] = timer.seconds
+        metrics["stage_seconds"] = time.perf_counter() - t0
+        with timer():
+            mlflow.log_metrics({"mlflow_seconds": timer.seconds, "stage_seconds": metrics["stage_seconds"]})
+        metrics["run_id"] = mlrun.info.run_id
+        write_json(out / "metrics.json", metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the adapter is saved and logged
+    return metrics
+
+
+def log_adapter(peft_model, tokenizer, base: str) -> None:
+    """The adapter as an MLflow transformers model: adapter weights only, the base model referenced by path."""
+    import mlflow
+    import peft
+    import torch
+    import transformers
+
+    reqs = [f"transformers=={transformers.__version__}", f"peft=={peft.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}", "accelerate"]
+    mlflow.transformers.log_model(
+        transformers_model={"model": peft_model, "tokenizer": tokenizer}, name="adapter",
+        task="text-generation", pip_requirements=reqs,
+        base_model_path=base if os.path.isdir(base) else None,
+    )
+
+
+def _resumed_epoch(checkpoint: str) -> float:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return float(state.get("epoch") or 0.0)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,159 @@
+"""prepare: exact counts for dedupe, the stratified split, the target-task rule and decontamination;
+determinism down to the bytes."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+from mixtune import prepare
+from mixtune.config import PrepareConfig
+from mixtune.files import read_jsonl
+
+from conftest import classification_records, sentence, spec_source, write_jsonl
+
+OUTPUTS = ("specialist/train.jsonl", "specialist/dev.jsonl", "specialist/test.jsonl", "generalist.jsonl",
+           "stats.json")
+
+
+def run(root: Path, out: str = "prepared", *, generalist: list | None = None, **cfg) -> dict:
+    config = PrepareConfig.model_validate(
+        {"specialist": [spec_source()], "generalist": generalist or [], **cfg})
+    return prepare.run(config, root, root / out)
+
+
+def splits(out: Path) -> dict[str, list[dict]]:
+    return {name: read_jsonl(out / "specialist" / f"{name}.jsonl") for name in ("train", "dev", "test")}
+
+
+def alpaca_source(name: str, path: str, **extra) -> dict:
+    return {"name": name, "kind": "file", "path": path, "format": "alpaca", **extra}
+
+
+def test_stratified_split_exact_sizes(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 30, "c": 40}))
+    stats = run(tmp_path, dev_fraction=0.1, test_fraction=0.1)
+    parts = splits(tmp_path / "prepared")
+    per_label = {name: Counter(ex["completion"] for ex in part) for name, part in parts.items()}
+    # Each (task, label) stratum: round(n * 0.1) to test, round(n * 0.1) to dev, the rest to train.
+    assert per_label == {"train": {"a": 16, "b": 24, "c": 32}, "dev": {"a": 2, "b": 3, "c": 4},
+                         "test": {"a": 2, "b": 3, "c": 4}}
+    assert stats["splits"] == {"train": 72, "dev": 9, "test": 9}
+    ids = [ex["id"] for part in parts.values() for ex in part]
+    assert len(ids) == len(set(ids)) == 90  # a partition: no example in two splits, none lost
+    # File order carries no label signal: the train split is not sorted by label.
+    train_labels = [ex["completion"] for ex in parts["train"]]
+    assert train_labels != sorted(train_labels)
+
+
+def test_every_label_in_every_split_even_when_rare(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 100, "b": 10, "c": 5}))
+    run(tmp_path, dev_fraction=0.2, test_fraction=0.2)
+    for name, part in splits(tmp_path / "prepared").items():
+        assert {ex["completion"] for ex in part} == {"a", "b", "c"}, name
+
+
+def test_split_stratified_by_task_for_a_scenario(tmp_path):
+    # Two specialist tasks (a scenario): each task gets its share of every split.
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 10, "b": 10}, seed=1))
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": sentence(random.Random(i), 15), "output": "yes"}
+                                        for i in range(30)])
+    config = PrepareConfig.model_validate({"specialist": [spec_source(), alpaca_source("qa", "qa.jsonl")],
+                                           "dev_fraction": 0.1, "test_fraction": 0.2})
+    stats = prepare.run(config, tmp_path, tmp_path / "prepared")
+    by_task = {name: Counter(ex["task"] for ex in part) for name, part in splits(tmp_path / "prepared").items()}
+    assert by_task == {"train": {"spec": 14, "qa": 21}, "dev": {"spec": 2, "qa": 3}, "test": {"spec": 4, "qa": 6}}
+    assert stats["specialist_tasks"] == {"qa": 30, "spec": 20}
+
+
+def test_dedupe_exact_counts(tmp_path):
+    records = classification_records({"a": 20, "b": 20})
+    dupes = [dict(records[0]), dict(records[1]), {"text": records[2]["text"], "label": "c"}]  # same input = dupe
+    write_jsonl(tmp_path / "spec.jsonl", records + dupes)
+    gen = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(10)]
+    gen += [gen[0], gen[1], {"instruction": "Say 2.", "output": "two"}]  # the last one differs in its answer
+    write_jsonl(tmp_path / "gen.jsonl", gen)
+    stats = run(tmp_path, generalist=[alpaca_source("gen", "gen.jsonl")])
+    assert stats["specialist"] == {"spec": {"read": 43}}
+    assert stats["specialist_duplicates_removed"] == 3
+    assert sum(stats["splits"].values()) == 40
+    assert stats["generalist"] == {"gen": {"read": 13, "target_task_removed": 0}}
+    assert stats["generalist_duplicates_removed"] == 2
+    pool = read_jsonl(tmp_path / "prepared" / "generalist.jsonl")
+    assert stats["generalist_pool"] == len(pool) == 11
+    assert [ex["id"] for ex in pool] == [f"gen/{i}" for i in range(10)] + ["gen/12"]  # the first copy kept
+    specialist_ids = {ex["id"] for part in splits(tmp_path / "prepared").values() for ex in part}
+    assert specialist_ids == {f"spec/{i}" for i in range(40)}
+
+
+def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 30, "b": 30, "c": 30}))
+    write_jsonl(tmp_path / "gen.jsonl", [{"instruction": sentence(random.Random(i), 10), "output": "x"}
+                                         for i in range(50)])
+    gen = [alpaca_source("gen", "gen.jsonl")]
+    run(tmp_path, "one", generalist=gen, seed=3)
+    run(tmp_path, "two", generalist=gen, seed=3)
+    run(tmp_path, "other", generalist=gen, seed=4)
+    for name in OUTPUTS:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert (tmp_path / "one/specialist/test.jsonl").read_bytes() != (tmp_path / "other/specialist/test.jsonl").read_bytes()
+    # Another seed is another partition of the same examples.
+    assert ({ex["id"] for p in splits(tmp_path / "one").values() for ex in p}
+            == {ex["id"] for p in splits(tmp_path / "other").values() for ex in p})
+
+
+def test_target_task_never_in_the_generalist_pool(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 20}))
+    write_jsonl(tmp_path / "same.jsonl", [{"instruction": f"Classify item {i}.", "output": "a"} for i in range(7)])
+    write_jsonl(tmp_path / "other.jsonl", [{"instruction": f"Write item {i}.", "output": "ok"} for i in range(5)])
+    generalist = [alpaca_source("same_task", "same.jsonl", task="spec"),  # same task as the specialist source
+                  alpaca_source("other", "other.jsonl")]
+    stats = run(tmp_path, generalist=generalist)
+    assert stats["generalist"] == {"same_task": {"read": 7, "target_task_removed": 7},
+                                   "other": {"read": 5, "target_task_removed": 0}}
+    pool = read_jsonl(tmp_path / "prepared" / "generalist.jsonl")
+    assert {ex["task"] for ex in pool} == {"other"}
+    assert stats["generalist_pool"] == 5 and stats["generalist_tasks"] == 1
+
+
+def test_decontamination_removes_a_planted_overlap(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 20}))
+    run(tmp_path, "first")  # the split does not depend on the generalist pool: learn which inputs are protected
+    parts = splits(tmp_path / "first")
+
+    def words_of(ex: dict) -> list[str]:  # the article's words, without the instruction around them
+        return ex["prompt"][-1]["content"].split("\n\n")[1].split()
+
+    test_words, dev_words, train_words = (words_of(parts[p][0]) for p in ("test", "dev", "train"))
+    rng = random.Random(99)
+    gen = [
+        {"instruction": "Continue: " + " ".join(test_words[5:18]) + " and so on.", "output": "ok"},   # 13 from test
+        {"instruction": "Summarize this.", "output": "It said " + " ".join(dev_words[0:13]).upper()},  # answer, dev
+        {"instruction": "Continue: " + " ".join(test_words[5:17]), "output": "ok"},                    # only 12
+        {"instruction": "Continue: " + " ".join(train_words[0:20]), "output": "ok"},                   # train: fine
+        *({"instruction": sentence(rng, 20), "output": sentence(rng, 3)} for _ in range(6)),
+    ]
+    write_jsonl(tmp_path / "gen.jsonl", gen)
+    stats = run(tmp_path, "second", generalist=[alpaca_source("gen", "gen.jsonl")], decontaminate_ngram=13)
+    assert stats["decontaminated"] == 2
+    kept = [ex["id"] for ex in read_jsonl(tmp_path / "second" / "generalist.jsonl")]
+    assert kept == ["gen/2", "gen/3", *(f"gen/{i}" for i in range(4, 10))]
+    assert stats["generalist_pool"] == 8
+    saved = json.loads((tmp_path / "second" / "stats.json").read_text())
+    assert saved["decontaminated"] == 2 and saved == json.loads(json.dumps(stats))
+    # The specialist splits are the same with or without a pool.
+    for name in ("train", "dev", "test"):
+        assert ((tmp_path / "first/specialist" / f"{name}.jsonl").read_bytes()
+                == (tmp_path / "second/specialist" / f"{name}.jsonl").read_bytes())
+
+
+def test_decontamination_window_is_configurable(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 20}))
+    run(tmp_path, "first")
+    test_words = splits(tmp_path / "first")["test"][0]["prompt"][-1]["content"].split("\n\n")[1].split()
+    write_jsonl(tmp_path / "gen.jsonl", [{"instruction": " ".join(test_words[3:8]), "output": "ok"}])  # 5 words
+    gen = [alpaca_source("gen", "gen.jsonl")]
+    assert run(tmp_path, "n13", generalist=gen, decontaminate_ngram=13)["decontaminated"] == 0
+    assert run(tmp_path, "n5", generalist=gen, decontaminate_ngram=5)["decontaminated"] == 1
