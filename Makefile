@@ -16,6 +16,8 @@ export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: run test setup fetch bench ui clean
 
+MLFLOW_PORT ?= 5000
+
 run: fetch
 	$(BIN)/dvc repro
 	@$(BIN)/dvc status
@@ -37,8 +39,16 @@ fetch: $(STAMP)
 	$(BIN)/mixtune fetch
 	$(BIN)/dvc commit -q -f data.dvc
 
-bench: fetch
+# Speed and memory targets: each compares against a baseline measured in the same run (bench/results/*.json).
+bench: run
 	$(BIN)/python bench/bench_data.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_eval.py
+
+# The MLflow UI on the project's store, on this machine only.
+ui: $(STAMP)
+	mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 clean:
 	rm -rf prepared mix .cache/bench

@@ -21,7 +21,7 @@ from mixtune.config import EvaluateConfig, ModelConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file, read_jsonl, write_json, write_jsonl
 from mixtune.model import load_adapter, load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import Timer, stage_run
+from mixtune.tracking import Timer, log_dataset, stage_run
 
 # --- scoring ------------------------------------------------------------------------------------------------
 
@@ -235,9 +235,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, prepared: Path = Path("prep
             mlflow.log_artifact(str(out / "predictions.jsonl"))
             if (out / "confusion.csv").is_file():
                 mlflow.log_figure(_confusion_figure(rows), "confusion_matrix.png")
-            mlflow.log_input(mlflow.data.from_pandas(__import__("pandas").DataFrame(
-                {"id": [e["id"] for e in examples]}), source=str(split_path.resolve()), name=f"specialist-{cfg.split}"),
-                context="evaluation")
+            log_dataset(examples, split_path, f"specialist-{cfg.split}", "evaluation")
         result["mlflow_seconds"] = timer.seconds
         write_json(out / "metrics.json", result)
     return result

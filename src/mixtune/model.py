@@ -9,7 +9,11 @@ from mixtune.errors import MixtuneError
 
 def resolve_base(base: str) -> str:
     """A local folder becomes absolute (PEFT and MLflow store the path as given); anything else is a hub id."""
+    from mixtune.tracking import repo_root
+
     path = Path(base)
+    if not path.is_absolute() and not path.exists() and (repo_root() / path).exists():
+        path = repo_root() / path  # `dvc exp run --temp` runs in a copy without the (git-ignored) model folder
     if path.exists():
         if not (path / "config.json").is_file():
             raise MixtuneError(f"{base}: model.base: not a model folder (no config.json)")

@@ -60,6 +60,11 @@ def data_hash() -> str | None:
     return outs[0].get("md5")
 
 
+def is_main_process() -> bool:
+    """Under `accelerate launch` every rank runs the stage; only rank 0 tracks and writes outputs."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 class Timer:
     """Wall time spent inside MLflow calls, so its overhead is measured, not guessed."""
 
@@ -75,11 +80,23 @@ class Timer:
             self.seconds += time.perf_counter() - t
 
 
+def log_dataset(examples: list[dict], path: Path, name: str, context: str) -> None:
+    """Record which examples a run saw (ids and tasks) and where they came from, as an MLflow dataset input."""
+    import mlflow
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": [e["id"] for e in examples], "task": [e["task"] for e in examples]})
+    mlflow.log_input(mlflow.data.from_pandas(frame, source=str(Path(path).resolve()), name=name), context=context)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict | None = None,
               timer: Timer | None = None) -> Iterator[object]:
     """Open the stage's run; it ends FINISHED, FAILED (an error) or KILLED (SIGINT/SIGTERM)."""
     timer = timer or Timer()
+    if not is_main_process():
+        yield None
+        return
     with timer():
         import mlflow
 

@@ -21,7 +21,7 @@ from mixtune.config import ModelConfig, TrainConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, write_json
 from mixtune.model import load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import Timer, stage_run
+from mixtune.tracking import Timer, log_dataset, stage_run
 
 # LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
 # frozen base weights get no gradient).
@@ -98,11 +98,28 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
         def on_train_begin(self, args, state, control, **kw):
             stop.in_loop = True
             self.t, self.step = time.perf_counter(), state.global_step
+            # Resumed: the curve so far comes from the checkpoint's log history, so loss.csv and this run's
+            # per-step metrics cover the whole training, not only the steps after the resume.
+            for e in state.log_history:
+                if "loss" in e and e["step"] <= state.global_step:
+                    row = {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate", 0.0),
+                           "grad_norm": e.get("grad_norm", 0.0), "tokens_per_second": e.get("tokens_per_second", 0.0)}
+                    log_rows.append(row)
+                    if state.is_world_process_zero:
+                        import mlflow
+
+                        with timer():
+                            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=row["step"])
 
         def on_step_end(self, args, state, control, **kw):
             if stop.requested:
                 control.should_save = True
                 control.should_training_stop = True
+            # Log whenever a checkpoint is saved, so its log history holds every step's loss up to it (the
+            # Trainer keeps the not-yet-logged losses only in memory): a resumed run's train_loss and loss.csv
+            # then cover the whole training.
+            if control.should_save:
+                control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -118,6 +135,7 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
             row = {"step": state.global_step, "loss": logs["loss"], "learning_rate": logs.get("learning_rate", 0.0),
                    "grad_norm": logs.get("grad_norm", 0.0), "tokens_per_second": tps}
             log_rows.append(row)
+            state.log_history[-1]["tokens_per_second"] = tps  # saved with the checkpoint, for a resumed curve
             if state.is_world_process_zero:
                 import mlflow
 
@@ -125,6 +143,37 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
                     mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=state.global_step)
 
     return [Progress()]
+
+
+def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir: Path, prec: str, tokenizer=None):
+    """The SFTTrainer exactly as the stage runs it (the training benchmark builds it through here too)."""
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    tokenizer = tokenizer or load_tokenizer(base)
+    sft = SFTConfig(
+        output_dir=str(output_dir),
+        use_cpu=not _cuda(),
+        bf16=prec == "bf16", fp16=prec == "fp16",
+        activation_checkpointing=False,  # recomputing activations costs 7-60% here; LoRA is not memory-bound
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        max_length=cfg.max_length, packing=cfg.packing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        # The Trainer's default replaces a NaN/inf step loss by the running mean (0.0 right after a log), so a
+        # diverged run would log finite losses and the non-finite check in on_log would never fire.
+        logging_nan_inf_filter=False,
+    )
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    dataset = datasets.Dataset.from_list([to_conversational(e) for e in examples])
+    return _trainer_class()(model=load_base(base), args=sft, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=lora)
 
 
 def checkpoint_key(cfg: TrainConfig, model: ModelConfig, mix_sha: str) -> str:
@@ -148,47 +197,25 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
 
     with _Stop() as stop, stage_run("train", manifest["specialist_tasks"], params, tags, timer) as mlrun:
         t0 = time.perf_counter()
-        import datasets
         import mlflow
-        from peft import LoraConfig
         from transformers.trainer_utils import get_last_checkpoint
-        from trl import SFTConfig
 
         examples = read_jsonl(mix_dir / "train.jsonl")
-        with timer():
-            mlflow.log_input(mlflow.data.from_pandas(
-                __import__("pandas").DataFrame({"id": [e["id"] for e in examples],
-                                                "task": [e["task"] for e in examples]}),
-                source=str((mix_dir / "train.jsonl").resolve()), name=f"mix-{manifest['sha256'][:12]}"),
-                context="training")
-        dataset = datasets.Dataset.from_list([to_conversational(e) for e in examples])
-        tokenizer = load_tokenizer(base)
-        model = load_base(base)
+        main = mlrun is not None  # rank 0 under `accelerate launch`; the other ranks only train
+        if main:
+            with timer():
+                log_dataset(examples, mix_dir / "train.jsonl", f"mix-{manifest['sha256'][:12]}", "training")
         ckpt_dir = checkpoints / checkpoint_key(cfg, model_cfg, manifest["sha256"])
-        sft = SFTConfig(
-            output_dir=str(ckpt_dir),
-            use_cpu=not _cuda(),
-            bf16=prec == "bf16", fp16=prec == "fp16",
-            activation_checkpointing=False,  # costs ~45% on a CPU; memory is not the limit for LoRA here
-            per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
-            warmup_steps=cfg.warmup_ratio,  # a float below 1 is a fraction of the steps
-            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
-            max_length=cfg.max_length, packing=cfg.packing,
-            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-            logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-            seed=cfg.seed, data_seed=cfg.seed, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        )
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        tokenizer = load_tokenizer(base)
+        trainer = build_trainer(cfg, base, examples, ckpt_dir, prec, tokenizer)
         log_rows: list[dict] = []
-        trainer = _trainer_class()(model=model, args=sft, train_dataset=dataset, processing_class=tokenizer,
-                             peft_config=lora)
         tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
         steps_per_epoch = math.ceil(len(trainer.train_dataset) / (cfg.batch_size * cfg.grad_accum))
         for cb in _callbacks(stop, tokens_per_epoch / steps_per_epoch, timer, log_rows):
             trainer.add_callback(cb)
         resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        # Read now: save_total_limit deletes the resumed checkpoint once two newer ones are saved.
+        resumed = _checkpoint_state(resume) if resume else {}
         if resume:
             print(f"train: resuming from {resume}")
         t_train = time.perf_counter()
@@ -200,15 +227,22 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
             raise KeyboardInterrupt
 
         trained_tokens = round(tokens_per_epoch * trainer.state.epoch)
-        new_tokens = trained_tokens - (round(tokens_per_epoch * _resumed_epoch(resume)) if resume else 0)
+        new_tokens = trained_tokens - round(tokens_per_epoch * float(resumed.get("epoch") or 0.0))
         n_params = sum(p.numel() for p in trainer.model.parameters())
         tps = new_tokens / train_seconds
+        # result.training_loss averages only the steps run in this call; a resumed run adds the steps before
+        # the checkpoint from its log history (complete up to it: on_step_end logs at every save).
+        done = int(resumed.get("global_step") or 0)
+        steps = trainer.state.global_step
+        train_loss = (_loss_sum(trainer.state.log_history, done) + result.training_loss * (steps - done)) / max(steps, 1)
         metrics = {
-            "train_loss": result.training_loss, "final_loss": log_rows[-1]["loss"] if log_rows else None,
+            "train_loss": train_loss, "final_loss": log_rows[-1]["loss"] if log_rows else None,
             "steps": trainer.state.global_step, "trained_tokens": trained_tokens,
             "tokens_per_second": tps, "model_tflops_per_second": tps * FLOP_PER_PARAM_TOKEN * n_params / 1e12,
             "train_seconds": train_seconds, "resumed": bool(resume),
         }
+        if not main:
+            return metrics
         with atomic_dir(out / "adapter") as tmp:
             trainer.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -221,10 +255,11 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
             mlflow.log_dict(manifest, "mix_manifest.json")
             mlflow.log_artifact(str(out / "loss.csv"))
             log_adapter(trainer.model, tokenizer, base)
-        metrics["mlflow_seconds"] = timer.seconds
         metrics["stage_seconds"] = time.perf_counter() - t0
+        metrics["mlflow_seconds"] = timer.seconds
+        metrics["mlflow_share"] = timer.seconds / metrics["stage_seconds"]
         with timer():
-            mlflow.log_metrics({"mlflow_seconds": timer.seconds, "stage_seconds": metrics["stage_seconds"]})
+            mlflow.log_metrics({k: metrics[k] for k in ("stage_seconds", "mlflow_seconds", "mlflow_share")})
         metrics["run_id"] = mlrun.info.run_id
         write_json(out / "metrics.json", metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the adapter is saved and logged
@@ -247,9 +282,18 @@ def log_adapter(peft_model, tokenizer, base: str) -> None:
     )
 
 
-def _resumed_epoch(checkpoint: str) -> float:
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return float(state.get("epoch") or 0.0)
+def _checkpoint_state(checkpoint: str) -> dict:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+def _loss_sum(log_history: list[dict], upto: int) -> float:
+    """Sum of the per-step losses up to step `upto` (each logged loss is the mean over its interval)."""
+    total, prev = 0.0, 0
+    for e in log_history:
+        if "loss" in e and e["step"] <= upto:
+            total += e["loss"] * (e["step"] - prev)
+            prev = e["step"]
+    return total
 
 
 def _cuda() -> bool:

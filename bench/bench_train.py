@@ -1,0 +1,127 @@
+"""Training throughput: mixtune's trainer against a plain TRL script, same model, data and machine, one run.
+
+    baseline  a plain TRL script: SFTTrainer with the default SFTConfig (CPU, batch 8) and LoRA r=16 all-linear
+    mixtune   the train stage's trainer (mixtune.train.build_trainer with params.yaml's train section)
+    ceiling   bf16 matmul throughput measured in the same run; MFU = tokens/s x 4 x params / ceiling
+
+Throughput counts non-padding tokens (the attention mask of every batch the collator builds) over the steps
+after the first (warm-up), alternating baseline and mixtune runs; the figure is the median over runs.
+
+    python bench/bench_train.py [--steps 8] [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "train.json"
+TARGET = 1.5
+
+
+def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def measure(trainer, steps: int) -> dict:
+    """Run `steps` steps; tokens and time of steps 2..N (the first warms up)."""
+    from transformers import TrainerCallback
+
+    tokens: list[int] = []
+    collate = trainer.data_collator
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch.get("attention_mask")
+        tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    seconds = stamps[-1] - stamps[0]
+    counted = sum(tokens[1:steps])
+    return {"tokens": counted, "seconds": seconds, "tokens_per_second": counted / seconds}
+
+
+def baseline_trainer(base: str, examples: list[dict], out: Path, steps: int):
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    ds = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": [{"role": "assistant",
+                                     "content": e["completion"]}]} for e in examples])
+    args = SFTConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=8, max_steps=steps,
+                     report_to="none", save_strategy="no", disable_tqdm=True)
+    return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args, train_dataset=ds,
+                      processing_class=AutoTokenizer.from_pretrained(base),
+                      peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(REPO / "src"))
+    from mixtune.config import load_section
+    from mixtune.files import read_jsonl, write_json
+    from mixtune.model import precision, resolve_base
+    from mixtune.train import build_trainer
+
+    cfg = load_section("train", args.params).model_copy(update={"max_steps": args.steps, "save_steps": 10**6})
+    base = resolve_base(load_section("model", args.params).base)
+    examples = read_jsonl(REPO / "mix" / "train.jsonl")
+    prec = precision(cfg.precision)
+    ceiling = matmul_ceiling()
+    runs: dict[str, list[dict]] = {"baseline": [], "mixtune": []}
+    n_params = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.runs):
+            for name in ("baseline", "mixtune"):
+                out = Path(tmp) / f"{name}-{r}"
+                trainer = (baseline_trainer(base, examples, out, args.steps) if name == "baseline"
+                           else build_trainer(cfg, base, examples, out, prec))
+                n_params = sum(p.numel() for p in trainer.model.parameters())
+                runs[name].append(measure(trainer, args.steps))
+                print(f"{name} run {r}: {runs[name][-1]['tokens_per_second']:.0f} tokens/s", flush=True)
+    tps = {k: statistics.median(x["tokens_per_second"] for x in v) for k, v in runs.items()}
+    speedup = tps["mixtune"] / tps["baseline"]
+    mfu = {k: v * 4 * n_params / ceiling for k, v in tps.items()}
+    result = {"steps": args.steps, "runs": runs, "tokens_per_second": tps, "speedup": speedup, "target": TARGET,
+              "bf16_matmul_gflops": ceiling / 1e9, "params": n_params, "mfu": mfu,
+              "ceiling_tokens_per_second": ceiling / (4 * n_params), "precision": prec}
+    write_json(RESULTS, result)
+    print(f"\n{'':10}{'tokens/s':>10}{'MFU':>8}\n" + "\n".join(
+        f"{k:10}{tps[k]:>10.0f}{mfu[k]:>8.1%}" for k in tps))
+    print(f"speedup {speedup:.2f}x (target {TARGET}x); bf16 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s "
+          f"= {result['ceiling_tokens_per_second']:.0f} tokens/s for {n_params / 1e6:.1f}M params")
+    print("PASS" if speedup >= TARGET else "FAIL")
+
+
+if __name__ == "__main__":
+    main()
