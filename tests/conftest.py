@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,11 @@ from mixtune.files import dumps
 from mixtune.schema import make_example
 
 REPO = Path(__file__).resolve().parents[1]
+REAL_ARCHIVE = REPO / "data" / "generalist" / "bigbench-1.0.0.tar.gz"
+REAL_BBC = REPO / "data" / "specialist" / "bbc_news.jsonl"
+REAL_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+TASKS_DIR = "/bigbench/benchmark_tasks/"
+N_TASKS = 5
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "fi", "he", "ba", "xo"]
 
@@ -99,8 +106,45 @@ def files_under(path: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama + BPE tokenizer with a chat template (seconds), for train/evaluate/tracking tests."""
+    import torch
+
     from tiny import build_tiny_model
+
+    # A 32-wide model gains nothing from a second thread, and on a busy 2-core machine every matmul then waits
+    # in OpenMP barriers: the tests ran ~100x slower with 2 threads while another process used the cores.
+    torch.set_num_threads(1)
 
     rng = random.Random(3)
     corpus = [sentence(rng, 20) for _ in range(300)] + ["Which class? Answer with one of: a, b, c."]
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus)
+
+
+@pytest.fixture(scope="session")
+def bigbench_subset(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A small real BIG-bench sdist: the first task.json members (under 1 MB) of the real archive, streamed,
+    with their member paths and their parents' task.json (subtasks inherit keywords), stopping after N_TASKS."""
+    if not REAL_ARCHIVE.is_file():
+        pytest.skip(f"{REAL_ARCHIVE} is absent: run `mixtune fetch` (or `make fetch`) first")
+    out = tmp_path_factory.mktemp("bigbench") / "bigbench-1.0.0.tar.gz"
+    tasks: list[str] = []
+    with tarfile.open(REAL_ARCHIVE, "r|gz") as src, tarfile.open(out, "w:gz") as dst:
+        for m in src:
+            if not (m.isfile() and m.name.endswith("/task.json") and TASKS_DIR in m.name):
+                continue
+            name = m.name.split(TASKS_DIR, 1)[1].rsplit("/task.json", 1)[0]
+            if m.size > 1_000_000:
+                continue
+            data = src.extractfile(m).read()
+            has_examples = bool(json.loads(data).get("examples"))
+            is_parent_of_kept = any(t.startswith(name + "/") for t in tasks)
+            if len(tasks) >= N_TASKS:  # full: only the last family's parent (it follows its subtasks) may follow
+                if name.split("/")[0] != tasks[-1].split("/")[0]:
+                    break
+                if not is_parent_of_kept:
+                    continue
+            if has_examples or is_parent_of_kept:
+                dst.addfile(m, io.BytesIO(data))
+                if has_examples:
+                    tasks.append(name)
+    assert len(tasks) == N_TASKS
+    return out, tasks

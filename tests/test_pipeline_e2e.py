@@ -3,58 +3,21 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import N_TASKS, REAL_BBC, REPO
 
 BIN = Path(sys.executable).parent
-REAL_ARCHIVE = REPO / "data" / "generalist" / "bigbench-1.0.0.tar.gz"
-REAL_BBC = REPO / "data" / "specialist" / "bbc_news.jsonl"
-TASKS_DIR = "/bigbench/benchmark_tasks/"
-N_TASKS = 5
 DATA_STAGES = ("prepare", "mix")
 HEAVY = ("torch", "transformers", "trl", "peft", "mlflow", "optuna", "datasets", "accelerate")
-
-
-@pytest.fixture(scope="session")
-def bigbench_subset(tmp_path_factory) -> tuple[Path, list[str]]:
-    """A small real BIG-bench sdist: the first task.json members (under 1 MB) of the real archive, streamed,
-    with their member paths and their parents' task.json (subtasks inherit keywords), stopping after N_TASKS."""
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"{REAL_ARCHIVE} is absent: run `mixtune fetch` (or `make fetch`) first")
-    out = tmp_path_factory.mktemp("bigbench") / "bigbench-1.0.0.tar.gz"
-    tasks: list[str] = []
-    with tarfile.open(REAL_ARCHIVE, "r|gz") as src, tarfile.open(out, "w:gz") as dst:
-        for m in src:
-            if not (m.isfile() and m.name.endswith("/task.json") and TASKS_DIR in m.name):
-                continue
-            name = m.name.split(TASKS_DIR, 1)[1].rsplit("/task.json", 1)[0]
-            if m.size > 1_000_000:
-                continue
-            data = src.extractfile(m).read()
-            has_examples = bool(json.loads(data).get("examples"))
-            is_parent_of_kept = any(t.startswith(name + "/") for t in tasks)
-            if len(tasks) >= N_TASKS:  # full: only the last family's parent (it follows its subtasks) may follow
-                if name.split("/")[0] != tasks[-1].split("/")[0]:
-                    break
-                if not is_parent_of_kept:
-                    continue
-            if has_examples or is_parent_of_kept:
-                dst.addfile(m, io.BytesIO(data))
-                if has_examples:
-                    tasks.append(name)
-    assert len(tasks) == N_TASKS
-    return out, tasks
 
 
 def _env() -> dict:

@@ -79,7 +79,7 @@ def test_dedupe_exact_counts(tmp_path):
     assert stats["specialist"] == {"spec": {"read": 43}}
     assert stats["specialist_duplicates_removed"] == 3
     assert sum(stats["splits"].values()) == 40
-    assert stats["generalist"] == {"gen": {"read": 13, "target_task_removed": 0}}
+    assert stats["generalist"] == {"gen": {"read": 13, "target_task_removed": 0, "too_long_removed": 0}}
     assert stats["generalist_duplicates_removed"] == 2
     pool = read_jsonl(tmp_path / "prepared" / "generalist.jsonl")
     assert stats["generalist_pool"] == len(pool) == 11
@@ -111,11 +111,23 @@ def test_target_task_never_in_the_generalist_pool(tmp_path):
     generalist = [alpaca_source("same_task", "same.jsonl", task="spec"),  # same task as the specialist source
                   alpaca_source("other", "other.jsonl")]
     stats = run(tmp_path, generalist=generalist)
-    assert stats["generalist"] == {"same_task": {"read": 7, "target_task_removed": 7},
-                                   "other": {"read": 5, "target_task_removed": 0}}
+    assert stats["generalist"] == {"same_task": {"read": 7, "target_task_removed": 7, "too_long_removed": 0},
+                                   "other": {"read": 5, "target_task_removed": 0, "too_long_removed": 0}}
     pool = read_jsonl(tmp_path / "prepared" / "generalist.jsonl")
     assert {ex["task"] for ex in pool} == {"other"}
     assert stats["generalist_pool"] == 5 and stats["generalist_tasks"] == 1
+
+
+def test_generalist_examples_longer_than_the_limit_are_left_out(tmp_path):
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 20}))
+    # prompt + answer lengths 10+2, 99+1, 100+1, 150+50 characters: the limit is 100
+    rows = [{"instruction": "x" * 10, "output": "ok"}, {"instruction": "y" * 99, "output": "k"},
+            {"instruction": "z" * 100, "output": "k"}, {"instruction": "w" * 150, "output": "v" * 50}]
+    write_jsonl(tmp_path / "gen.jsonl", rows)
+    stats = run(tmp_path, generalist=[alpaca_source("gen", "gen.jsonl")], generalist_max_chars=100)
+    assert stats["generalist"]["gen"] == {"read": 4, "target_task_removed": 0, "too_long_removed": 2}
+    pool = read_jsonl(tmp_path / "prepared" / "generalist.jsonl")
+    assert [ex["completion"] for ex in pool] == ["ok", "k"]
 
 
 def test_decontamination_removes_a_planted_overlap(tmp_path):

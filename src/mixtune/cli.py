@@ -55,6 +55,42 @@ def _evaluate(args) -> None:
           f", base {b[key]:.3f}; gain {g[key]:+.3f} [{g[key + '_low']:+.3f}, {g[key + '_high']:+.3f}]")
 
 
+def _search(args) -> None:
+    from mixtune import search
+    from mixtune.config import load_section
+
+    sections = [load_section(s, args.params) for s in ("search", "mix", "train", "model", "evaluate")]
+    r = search.run(*sections, worker=args.worker)
+    if args.worker:
+        for study, trials in r["trials"].items():
+            print(f"search --worker: study {study}: ran trials {trials}")
+    else:
+        print(f"search: {r['answer']}")
+
+
+def _register(args) -> None:
+    from mixtune import register
+    from mixtune.config import load_section
+
+    r = register.run(load_section("register", args.params), load_section("model", args.params),
+                     load_section("evaluate", args.params))
+    print(f"register: {r['name']} version {r['version']}: {r['reason']}")
+
+
+def _promote(args) -> None:
+    from mixtune import register
+
+    r = register.promote(args.version, args.name or register.model_name(args.params))
+    print(f"promote: {r['name']} version {r['version']} is champion (was {r['previous']})")
+
+
+def _predict(args) -> None:
+    from mixtune import predict
+
+    n = predict.run(args.model, Path(args.input), Path(args.output))
+    print(f"predict: {n} predictions in {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Specialist or generalist? Tune a language model for one task and find how much generalist instruction data to mix in.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -82,6 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score the adapter and the base model on the specialist split")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("search", help="search the generalist share with Optuna (dev split), one study per size")
+    p.add_argument("--worker", action="store_true",
+                   help="only run trials of the shared study (search.storage); write no outputs")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("register", help="score the best adapter on test, register it; champion moves if it wins")
+    p.set_defaults(func=_register)
+
+    p = sub.add_parser("promote", help="make a registered version the champion by hand (a rollback too)")
+    p.add_argument("--version", required=True, type=int)
+    p.add_argument("--name", help="registered model (default: register.name, else from search/best.json)")
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("predict", help="answer the prompts of a JSONL file with a registered model")
+    p.add_argument("--model", required=True, help="a model URI, e.g. models:/mixtune-bbc_news@champion")
+    p.add_argument("--input", required=True, help='JSONL, one {"prompt": text or chat messages} per line')
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_predict)
     return parser
 
 

@@ -82,6 +82,9 @@ class PrepareConfig(_Section):
     dev_fraction: float = Field(default=0.1, ge=0, lt=1)
     test_fraction: float = Field(default=0.1, gt=0, lt=1)
     decontaminate_ngram: int = Field(default=13, gt=0)  # words; 13 as in GPT-3's contamination study
+    # Generalist examples longer than this (prompt + answer, in characters; ~4 per token) are left out of the
+    # pool: truncated to train.max_length they would lose their answer and cost compute for no loss.
+    generalist_max_chars: int = Field(default=2000, gt=0)
     specialist: list[Source] = Field(min_length=1)
     generalist: list[Source] = []
 
@@ -143,6 +146,26 @@ class EvaluateConfig(_Section):
     seed: int = 0
 
 
+class SearchConfig(_Section):
+    n_trials: int = Field(default=4, gt=0)  # trials wanted in all, per size; a re-run runs only the missing ones
+    timeout: float | None = Field(default=None, gt=0)  # seconds; no new trial starts after it
+    max_share: float = Field(default=0.75, gt=0, lt=1)  # generalist_share is searched in [0, max_share]
+    seed: int = 0
+    # None: a file-backed study in the repository (search/optuna.journal). A database URL, e.g.
+    # postgresql://user@host/db: one study that `mixtune search --worker` processes on several machines share.
+    storage: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+]*://")
+    pruner: Literal["median", "none"] = "median"
+    eval_every: int = Field(default=16, gt=0)  # steps between the dev evaluations a pruner decides on
+    dev_examples: int | None = Field(default=100, gt=0)  # dev examples scored at each of them (None: all)
+    sizes: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, min_length=1)  # None: [mix.specialist_size]
+
+
+class RegisterConfig(_Section):
+    name: str | None = Field(default=None, min_length=1)  # default: mixtune-<specialist tasks joined by +>
+    min_gain: float = Field(default=0.0, ge=0)  # champion moves only if the test score beats it by more than this
+    require_interval: bool = False  # ...and, if set, the paired 95% interval of the gain lies above 0
+
+
 class Params(_Section):
     """params.yaml; every section is optional here so one stage's section validates on its own."""
 
@@ -151,6 +174,8 @@ class Params(_Section):
     model: ModelConfig | None = None
     train: TrainConfig | None = None
     evaluate: EvaluateConfig | None = None
+    search: SearchConfig | None = None
+    register_: RegisterConfig | None = Field(default=None, alias="register")  # `register` is a BaseModel method
 
 
 _KINDS = ("file", "hf", "bigbench")  # the tags pydantic puts in an error's loc for the Source union
@@ -189,6 +214,7 @@ def load_section(section: str, path: str | Path = "params.yaml"):
     if section not in raw:
         raise MixtuneError(f"{path}: {section}: missing section")
     try:
-        return getattr(Params.model_validate({section: raw[section]}, context=None), section)
+        params = Params.model_validate({section: raw[section]}, context=None)
     except ValidationError as e:
         raise MixtuneError(_format_error(path, e)) from None
+    return getattr(params, next(n for n, f in Params.model_fields.items() if (f.alias or n) == section))

@@ -20,7 +20,7 @@ from mixtune import metrics as M
 from mixtune.config import EvaluateConfig, ModelConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file, read_jsonl, write_json, write_jsonl
-from mixtune.model import load_adapter, load_base, load_tokenizer, precision, resolve_base
+from mixtune.model import load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
 from mixtune.tracking import Timer, log_dataset, stage_run
 
 # --- scoring ------------------------------------------------------------------------------------------------
@@ -107,12 +107,14 @@ def generate(model, tokenizer, examples: list[dict], batch_size: int, max_new_to
 
 def label_from_text(text: str, options: list[str]) -> str:
     """Map a generated answer to an option: exact (normalized) match first, else the first option it names."""
+    if not text.strip():  # no answer names no option (an option "a" normalizes to "" like the empty text)
+        return ""
     norm = M.normalize_answer(text)
     for o in options:
         if M.normalize_answer(o) == norm:
             return o
-    for o in options:
-        if M.normalize_answer(o) and M.normalize_answer(o) in norm:
+    for o in options:  # whole words only: "tech" is not named by "biotechnology"
+        if M.normalize_answer(o) and f" {M.normalize_answer(o)} " in f" {norm} ":
             return o
     return ""
 
@@ -186,6 +188,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, prepared: Path = Path("prep
     manifest = json.loads((mix / "manifest.json").read_text())
     train_metrics = json.loads((train / "metrics.json").read_text()) if (train / "metrics.json").is_file() else {}
     base_path = resolve_base(model_cfg.base)
+    require_adapter(train / "adapter")  # before a run is opened and the base model loaded, as train checks its base
     prec = precision("auto")
     timer = Timer()
     tags = {"mixtune.mix_sha256": manifest["sha256"], "mixtune.train_run_id": train_metrics.get("run_id", ""),

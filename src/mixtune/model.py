@@ -65,11 +65,15 @@ def load_base(path: str):
         raise MixtuneError(f"{path}: cannot load base model: {str(e).splitlines()[0]}") from None
 
 
+def require_adapter(adapter_dir: Path) -> None:
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise MixtuneError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); run the train stage")
+
+
 def load_adapter(base_model, adapter_dir: Path):
     from peft import PeftModel
 
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise MixtuneError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); run the train stage")
+    require_adapter(adapter_dir)
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir))
     except Exception as e:  # corrupt weights or a mismatched base model

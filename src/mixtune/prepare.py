@@ -87,7 +87,10 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
     for src in cfg.generalist:
         examples = read_source(src, root, cfg.seed)
         kept = [ex for ex in examples if ex["task"] not in target_tasks]  # the target is never in the pool
-        stats["generalist"][src.name] = {"read": len(examples), "target_task_removed": len(examples) - len(kept)}
+        short = [ex for ex in kept if len(prompt_text(ex)) + len(ex["completion"]) <= cfg.generalist_max_chars]
+        stats["generalist"][src.name] = {"read": len(examples), "target_task_removed": len(examples) - len(kept),
+                                         "too_long_removed": len(kept) - len(short)}
+        kept = short
         generalist += kept
     generalist, stats["generalist_duplicates_removed"] = dedupe(generalist, with_completion=True)
     generalist, stats["decontaminated"] = decontaminate(generalist, parts["dev"] + parts["test"],

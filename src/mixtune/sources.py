@@ -211,20 +211,21 @@ def _bigbench_example(task_json: dict, ex: dict) -> tuple[str, str, list[str] | 
 
     The task's own example_input_prefix / example_output_prefix are part of the question (e.g. anachronisms
     asks "Does the preceding sentence contain non-contemporaneous (anachronistic) elements?" only there)."""
-    text = ((task_json.get("task_prefix") or "") + (task_json.get("example_input_prefix") or "")
-            + str(ex.get("input", "")) + (task_json.get("example_output_prefix") or ""))
+    question = ((task_json.get("task_prefix") or "") + (task_json.get("example_input_prefix") or "")
+                + str(ex.get("input", "")))
+    answer_cue = task_json.get("example_output_prefix") or ""  # e.g. "\nA: ", after the options
     scores = ex.get("target_scores")
     if isinstance(scores, dict) and scores:
         options = [str(k) for k in scores]
         best = max(scores, key=lambda k: scores[k])
-        text += "\n\nOptions:\n" + "\n".join(f"- {o}" for o in options)
+        text = question + "\n\nOptions:\n" + "\n".join(f"- {o}" for o in options) + answer_cue
         return text.strip(), str(best), options
     target = ex.get("target")
     if isinstance(target, list):
         target = target[0] if target else None
-    if not isinstance(target, str) or not target.strip() or not text.strip():
+    if not isinstance(target, str) or not target.strip() or not question.strip():
         return None
-    return text.strip(), target, None
+    return (question + answer_cue).strip(), target, None
 
 
 def bigbench_tasks(path: Path) -> Iterator[tuple[str, dict]]:
@@ -254,9 +255,8 @@ def _bigbench_examples(src: BigbenchSource, root: Path, seed: int) -> Iterator[d
             parent_keywords.setdefault(name, tj.get("keywords") or [])
             if not tj.get("examples"):
                 continue
-            pending.append((name, tj))
             # Keep only the capped sample of each task in memory, never the whole archive.
-            pending[-1] = (name, {**tj, "examples": _cap(tj["examples"], src.max_per_task, seed, name)})
+            pending.append((name, {**tj, "examples": _cap(tj["examples"], src.max_per_task, seed, name)}))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise MixtuneError(f"{src.path}: not a readable .tar.gz archive: {e}") from None
     for name, tj in pending:

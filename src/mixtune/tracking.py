@@ -91,8 +91,9 @@ def log_dataset(examples: list[dict], path: Path, name: str, context: str) -> No
 
 @contextlib.contextmanager
 def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict | None = None,
-              timer: Timer | None = None) -> Iterator[object]:
-    """Open the stage's run; it ends FINISHED, FAILED (an error) or KILLED (SIGINT/SIGTERM)."""
+              timer: Timer | None = None, run_id: str | None = None) -> Iterator[object]:
+    """Open the stage's run, or reopen `run_id` (a search's study keeps one run across re-runs; its params were
+    logged when it was made). It ends FINISHED, FAILED (an error) or KILLED (SIGINT/SIGTERM)."""
     timer = timer or Timer()
     if not is_main_process():
         yield None
@@ -112,12 +113,15 @@ def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict 
                 exp_id = mlflow.create_experiment(name, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id
-            run = mlflow.start_run(experiment_id=exp_id, run_name=stage)
+            if run_id:
+                run = mlflow.start_run(run_id=run_id)
+            else:
+                run = mlflow.start_run(experiment_id=exp_id, run_name=stage)
         except Exception as e:  # an unreachable server or a broken store
             raise MixtuneError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
         mlflow.set_tags({"mixtune.stage": stage, "mlflow.source.git.commit": git_commit() or "",
                          "mixtune.data_md5": data_hash() or "", **(tags or {})})
-        flat = {k: ("" if v is None else v) for k, v in flatten(params).items()}
+        flat = {} if run_id else {k: ("" if v is None else v) for k, v in flatten(params).items()}
         for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
             mlflow.log_params(dict(list(flat.items())[i : i + 100]))
     status = "FINISHED"

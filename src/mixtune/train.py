@@ -145,6 +145,14 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
     return [Progress()]
 
 
+def add_progress(trainer, cfg: TrainConfig, timer: Timer, log_rows: list, stop: _Stop | None = None) -> None:
+    """Per-step loss, learning rate and throughput into `log_rows` and the active MLflow run; a non-finite loss
+    raises MixtuneError; `stop` (SIGINT/SIGTERM) ends training at a saved checkpoint."""
+    steps_per_epoch = math.ceil(len(trainer.train_dataset) / (cfg.batch_size * cfg.grad_accum))
+    for cb in _callbacks(stop or _Stop(), dataset_tokens(trainer) / steps_per_epoch, timer, log_rows):
+        trainer.add_callback(cb)
+
+
 def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir: Path, prec: str, tokenizer=None):
     """The SFTTrainer exactly as the stage runs it (the training benchmark builds it through here too)."""
     import datasets
@@ -209,10 +217,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         tokenizer = load_tokenizer(base)
         trainer = build_trainer(cfg, base, examples, ckpt_dir, prec, tokenizer)
         log_rows: list[dict] = []
-        tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-        steps_per_epoch = math.ceil(len(trainer.train_dataset) / (cfg.batch_size * cfg.grad_accum))
-        for cb in _callbacks(stop, tokens_per_epoch / steps_per_epoch, timer, log_rows):
-            trainer.add_callback(cb)
+        tokens_per_epoch = dataset_tokens(trainer)
+        add_progress(trainer, cfg, timer, log_rows, stop)
         resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         # Read now: save_total_limit deletes the resumed checkpoint once two newer ones are saved.
         resumed = _checkpoint_state(resume) if resume else {}
@@ -243,9 +249,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         }
         if not main:
             return metrics
-        with atomic_dir(out / "adapter") as tmp:
-            trainer.model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        save_adapter(trainer.model, tokenizer, out / "adapter")
         with atomic_file(out / "loss.csv") as f:
             w = csv.DictWriter(f, fieldnames=["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
             w.writeheader()
@@ -266,8 +270,20 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
     return metrics
 
 
-def log_adapter(peft_model, tokenizer, base: str) -> None:
-    """The adapter as an MLflow transformers model: adapter weights only, the base model referenced by path."""
+def dataset_tokens(trainer) -> int:
+    """Tokens in one epoch of the trainer's (tokenized) dataset: the unit of the training compute budget."""
+    return sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+
+
+def save_adapter(peft_model, tokenizer, path: Path) -> None:
+    with atomic_dir(path) as tmp:
+        peft_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def log_adapter(peft_model, tokenizer, base: str, max_new_tokens: int = 32):
+    """The adapter as an MLflow transformers model: adapter weights only, the base model referenced by path.
+    Served (`mlflow models serve`, `mixtune predict`) it answers greedily with the answer only, no prompt echo."""
     import mlflow
     import peft
     import torch
@@ -275,10 +291,11 @@ def log_adapter(peft_model, tokenizer, base: str) -> None:
 
     reqs = [f"transformers=={transformers.__version__}", f"peft=={peft.__version__}",
             f"torch=={torch.__version__.split('+')[0]}", "accelerate"]
-    mlflow.transformers.log_model(
+    return mlflow.transformers.log_model(
         transformers_model={"model": peft_model, "tokenizer": tokenizer}, name="adapter",
         task="text-generation", pip_requirements=reqs,
         base_model_path=base if os.path.isdir(base) else None,
+        model_config={"max_new_tokens": max_new_tokens, "do_sample": False, "return_full_text": False},
     )
 
 

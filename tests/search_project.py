@@ -1,0 +1,114 @@
+"""A small project for the search and register tests: prepared/ splits of a two-label task, a generalist pool,
+and a params.yaml that trains the tiny model for a few steps."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from mixtune.files import write_jsonl
+from mixtune.schema import make_example
+
+from conftest import sentence
+
+TASK = "topic"
+LABELS = ["a", "b"]
+
+
+def _examples(source: str, n: int, rng: random.Random, options: list[str] | None) -> list[dict]:
+    return [make_example(id=f"{source}/{i}", source=source, task=TASK if options else f"g{i % 3}", keywords=[],
+                         capability=None, prompt=[{"role": "user", "content": "Which class? " + sentence(rng, 8)}],
+                         completion=rng.choice(options) if options else sentence(rng, 2), options=options)
+            for i in range(n)]
+
+
+def params(tiny_model: Path, **sections) -> dict:
+    p = {
+        "mix": {"specialist_size": 16, "generalist_share": 0.0, "seed": 0},
+        "model": {"base": str(tiny_model)},
+        "train": {"lora": {"r": 4, "alpha": 8}, "max_steps": 4, "batch_size": 4, "precision": "fp32",
+                  "logging_steps": 2, "group_by_length": False, "max_length": 64},
+        "evaluate": {"batch_size": 8, "max_new_tokens": 8, "max_examples": None, "bootstrap": 100, "seed": 0},
+        "search": {"n_trials": 3, "eval_every": 2, "dev_examples": 6},
+        "register": {},
+    }
+    for name, values in sections.items():
+        p[name] = {**p.get(name, {}), **values}
+    return p
+
+
+def make_project(root: Path, tiny_model: Path, generalist: int = 60, **sections) -> Path:
+    """prepared/ (specialist train 40, dev 12, test 12; a generalist pool) and params.yaml under `root`."""
+    rng = random.Random(11)
+    prepared = root / "prepared"
+    write_jsonl(prepared / "specialist" / "train.jsonl", _examples("spec", 40, rng, LABELS))
+    write_jsonl(prepared / "specialist" / "dev.jsonl", _examples("dev", 12, rng, LABELS))
+    write_jsonl(prepared / "specialist" / "test.jsonl", _examples("test", 12, rng, LABELS))
+    write_jsonl(prepared / "generalist.jsonl", _examples("gen", generalist, rng, None))
+    write_params(root, tiny_model, **sections)
+    return root
+
+
+def write_params(root: Path, tiny_model: Path, **sections) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params(tiny_model, **sections), sort_keys=False))
+
+
+def load(root: Path, section: str):
+    from mixtune.config import load_section
+
+    return load_section(section, root / "params.yaml")
+
+
+def search_sections(root: Path) -> list:
+    return [load(root, s) for s in ("search", "mix", "train", "model", "evaluate")]
+
+
+def study(root: Path, storage: str | None = None, size: int | None = None):
+    """The project's study (of `size`, when a search ran several), in the journal by default."""
+    import optuna
+
+    from mixtune.search_study import db_url
+
+    if storage is not None:
+        storage = db_url(storage)
+    else:
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(root / "search" / "optuna.journal")))
+    summaries = [s for s in optuna.get_all_study_summaries(storage)
+                 if size is None or s.user_attrs["specialist_size"] == size]
+    (summary,) = summaries
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1", **extra}
+
+
+def mixtune(root: Path, *args: str, env_extra: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mixtune.cli", *args], cwd=root, env=env(**(env_extra or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

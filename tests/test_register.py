@@ -1,0 +1,286 @@
+"""register, promote, predict and a served model, on one tiny search (run once, copied per test). Test scores
+are set by replacing evaluate.predict where a test needs a better or worse candidate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import search_project as sp
+
+NAME = f"mixtune-{sp.TASK}"
+SEARCH = {"n_trials": 2, "sizes": [16, 40]}
+TRIALS = [(size, n) for size in SEARCH["sizes"] for n in range(2)]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_model) -> Path:
+    """A project after a search at two sizes (two studies of two baselines each: four different mixes, four
+    adapters), with its MLflow store."""
+    from mixtune import search
+
+    root = tmp_path_factory.mktemp("searched")
+    sp.make_project(root, tiny_model, search=SEARCH)
+    (root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        search.run(*sp.search_sections(root))
+    return root
+
+
+@pytest.fixture
+def project(searched, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "project"
+    shutil.copytree(searched, root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    return root
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the env, not the last mlflow.set_tracking_uri
+
+
+def versions() -> dict[str, dict]:
+    return {str(v.version): v.tags for v in client().search_model_versions(f"name = '{NAME}'")}
+
+
+def alias(name: str) -> str:
+    return str(client().get_model_version_by_alias(NAME, name).version)
+
+
+def score_as(monkeypatch, correct: int) -> None:
+    """evaluate.predict answers the first `correct` test examples right and the rest wrong."""
+    def predict(model, tokenizer, examples, cfg, prec):
+        return [ex["completion"] if i < correct else next(o for o in ex["options"] if o != ex["completion"])
+                for i, ex in enumerate(examples)]
+
+    monkeypatch.setattr("mixtune.evaluate.predict", predict)
+
+
+def others(root: Path) -> list[tuple[int, int]]:
+    """(size, trial) of the trials that did not win."""
+    best = json.loads((root / "search" / "best.json").read_text())
+    return [t for t in TRIALS if t != (best["size"], best["trial"])]
+
+
+def use_trial(root: Path, size_trial: tuple[int, int]) -> None:
+    """search/ as if this trial had won: its adapter and its best.json entries."""
+    size, number = size_trial
+    t = sp.study(root, size=size).trials[number]
+    shutil.rmtree(root / "search" / "adapter")
+    shutil.copytree(t.user_attrs["adapter"], root / "search" / "adapter")
+    best = json.loads((root / "search" / "best.json").read_text())
+    best.update(size=size, trial=number, run_id=t.user_attrs["mlflow_run_id"], model_uri=t.user_attrs["model_uri"],
+                mix_sha256=t.user_attrs["mix_sha256"], generalist_share=t.params["generalist_share"])
+    (root / "search" / "best.json").write_text(json.dumps(best))
+
+
+def one_line(err: str, *fragments: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def test_first_version_is_champion_and_the_same_inputs_twice_make_no_duplicate(project, cli):
+    best = json.loads((project / "search" / "best.json").read_text())
+    rc, out, err = cli("register")
+    assert rc == 0, err
+    result = json.loads((project / "register" / "result.json").read_text())
+    assert result["name"] == NAME and result["version"] == 1 and result["created"] and result["promoted"]
+    assert f"{NAME} version 1: first version" in out
+    assert alias("champion") == "1" and alias("candidate") == "1"
+    tags = versions()["1"]
+    assert float(tags["mixtune.test_score"]) == result["test_score"]
+    assert float(tags["mixtune.test_low"]) <= result["test_score"] <= float(tags["mixtune.test_high"])
+    assert tags["mixtune.test_metric"] == "accuracy" and tags["mixtune.test_n"] == "12"
+    assert tags["mixtune.data_md5"] == "0123456789abcdef0123456789abcdef.dir"
+    assert tags["mixtune.mix_sha256"] == best["mix_sha256"] and tags["mixtune.source_run_id"] == best["run_id"]
+    assert tags["mixtune.decision"] == "promoted" and tags["mixtune.reason"] == "first version: no champion yet"
+    assert tags["mixtune.champion_version"] == "" and tags["mixtune.champion_score"] == ""
+    v = client().get_model_version(NAME, "1")
+    assert (v.source, v.run_id) == (best["model_uri"], best["run_id"])  # the best trial's logged model
+    # The test predictions, kept with the register run: the next candidate's gain is paired on them.
+    from mlflow.artifacts import load_dict
+
+    preds = load_dict(f"runs:/{tags['mixtune.register_run_id']}/test_predictions.json")
+    assert len(preds["predictions"]) == 12
+
+    rc, out, err = cli("register")
+    assert rc == 0, err
+    again = json.loads((project / "register" / "result.json").read_text())
+    assert again["version"] == 1 and not again["created"] and "already registered" in again["reason"]
+    assert list(versions()) == ["1"] and alias("champion") == "1"
+
+
+def test_champion_moves_only_for_a_candidate_that_beats_it(project, cli, monkeypatch, tiny_model):
+    other = others(project)
+    score_as(monkeypatch, 6)  # 0.5
+    assert cli("register")[0] == 0
+    assert alias("champion") == "1"
+
+    use_trial(project, other[0])
+    score_as(monkeypatch, 3)  # 0.25: worse
+    rc, out, err = cli("register")
+    assert rc == 0, err
+    assert alias("candidate") == "2" and alias("champion") == "1"
+    tags = versions()["2"]
+    assert tags["mixtune.decision"] == "kept" and tags["mixtune.champion_version"] == "1"
+    assert tags["mixtune.test_score"] == "0.25" and tags["mixtune.champion_score"] == "0.5"
+    assert tags["mixtune.reason"].startswith("kept champion: accuracy 0.250 vs champion v1 0.500: gain -0.250 [")
+
+    use_trial(project, other[1])
+    score_as(monkeypatch, 7)  # better by one example: the paired interval reaches 0
+    sp.write_params(project, tiny_model, search=SEARCH, register={"require_interval": True})
+    assert cli("register")[0] == 0
+    assert alias("candidate") == "3" and alias("champion") == "1"
+    assert "the interval does not lie above 0" in versions()["3"]["mixtune.reason"]
+
+    use_trial(project, other[2])
+    score_as(monkeypatch, 12)  # 1.0
+    assert cli("register")[0] == 0
+    assert alias("candidate") == "4" and alias("champion") == "4"
+    result = json.loads((project / "register" / "result.json").read_text())
+    assert result["promoted"] and result["gain"] == 0.5 and result["gain_low"] > 0
+    assert versions()["4"]["mixtune.reason"].startswith("promoted: accuracy 1.000 vs champion v1 0.500: gain +0.500")
+    assert sorted(versions()) == ["1", "2", "3", "4"]  # never deleted
+
+
+def test_a_champion_scored_on_other_test_examples_is_kept(project, cli, monkeypatch, tiny_model):
+    score_as(monkeypatch, 6)
+    assert cli("register")[0] == 0
+    use_trial(project, others(project)[0])
+    score_as(monkeypatch, 10)
+    sp.write_params(project, tiny_model, search=SEARCH, evaluate={"max_examples": 10})  # not the same examples
+    assert cli("register")[0] == 0
+    assert alias("candidate") == "2" and alias("champion") == "1"
+    assert versions()["2"]["mixtune.reason"].startswith("kept champion v1: it was scored on other test examples")
+
+
+def test_promote_by_hand_and_roll_back(project, cli, monkeypatch):
+    score_as(monkeypatch, 12)
+    cli("register")
+    use_trial(project, others(project)[0])
+    score_as(monkeypatch, 0)
+    cli("register")
+    assert alias("champion") == "1"
+
+    rc, out, err = cli("promote", "--version", "2")
+    assert rc == 0, err
+    assert out.strip() == f"promote: {NAME} version 2 is champion (was 1)"
+    assert alias("champion") == "2" and "champion was v1" in versions()["2"]["mixtune.promoted"]
+    assert cli("promote", "--version", "1")[0] == 0  # rollback
+    assert alias("champion") == "1"
+    rc, out, err = cli("promote", "--version", "9")
+    assert rc == 1
+    one_line(err, "mixtune promote: error: ", f"registered model '{NAME}' has no version 9")
+
+
+def test_unreachable_store_is_one_line_and_changes_nothing(project, cli, monkeypatch):
+    assert cli("register")[0] == 0
+    result = (project / "register" / "result.json").read_bytes()
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+
+    closed = f"http://127.0.0.1:{sp.free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    use_trial(project, others(project)[0])
+    rc, out, err = cli("register")
+    assert rc == 1 and out == ""
+    one_line(err, f"mixtune register: error: MLflow store {closed}: ")
+    rc, out, err = cli("promote", "--version", "1")
+    assert rc == 1
+    one_line(err, f"mixtune promote: error: MLflow store {closed}: ")
+    assert (project / "register" / "result.json").read_bytes() == result
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert list(versions()) == ["1"] and alias("champion") == "1"
+
+
+# --- using the champion ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registered(project, cli) -> Path:
+    assert cli("register")[0] == 0
+    return project
+
+
+def test_predict_with_the_champion(registered, cli):
+    rows = [{"id": "x1", "prompt": "Which class? kalo mine"},
+            {"prompt": [{"role": "user", "content": "Which class? ruvo sa"}]}]
+    (registered / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, out, err = cli("predict", "--model", f"models:/{NAME}@champion", "--input", "in.jsonl",
+                       "--output", "preds.jsonl")
+    assert rc == 0, err
+    assert out.strip() == "predict: 2 predictions in preds.jsonl"
+    preds = [json.loads(line) for line in (registered / "preds.jsonl").read_text().splitlines()]
+    assert [sorted(p) for p in preds] == [["id", "prediction"], ["prediction"]] and preds[0]["id"] == "x1"
+    assert all(isinstance(p["prediction"], str) for p in preds)
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('{"prompt": 5}', "in.jsonl:2: field 'prompt': expected text or a non-empty list of chat messages"),
+    ('{"text": "hi"}', "in.jsonl:2: field 'prompt': missing"),
+    ('{"prompt": [{"role": "user"}]}', "in.jsonl:2: field 'prompt[0]': expected"),
+    ('{"prompt": "cut', "in.jsonl:2: not valid JSON"),
+])
+def test_predict_bad_input_is_one_line_and_writes_nothing(tmp_path, cli, monkeypatch, line, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "fine"}\n' + line + "\n")
+    rc, out, err = cli("predict", "--model", f"models:/{NAME}@champion", "--input", "in.jsonl", "--output", "p.jsonl")
+    assert rc == 1 and out == ""
+    one_line(err, "mixtune predict: error: ", fragment)
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_mlflow_models_serve_answers_a_request(registered):
+    """The champion served by `mlflow models serve` on 127.0.0.1 answers a real POST /invocations."""
+    from mixtune.predict import chat_prompt
+    from mixtune.model import load_tokenizer
+
+    port = sp.free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                             f"models:/{NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            cwd=registered, env=sp.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError("mlflow models serve exited")
+        try:
+            return urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        sp.wait_until(ready, 240, "the served model", interval=1)
+        prompt = chat_prompt(load_tokenizer(sp.load(registered, "model").base), "Which class? kalo")
+        req = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": [prompt, prompt]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            body = json.loads(r.read())
+        assert r.status == 200
+        assert len(body["predictions"]) == 2 and all(isinstance(p, str) for p in body["predictions"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,334 @@
+"""search: baselines first, nested MLflow runs, outputs, a study that continues, failing and killed trials,
+two workers on one PostgreSQL study, and a search logging to a real `mlflow server`. Tiny model, a few steps."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import search_project as sp
+from conftest import REPO
+from mixtune import search
+
+BASELINES = [0.0, 0.5]
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model, monkeypatch):
+    sp.make_project(tmp_path, tiny_model)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def runs_of(study_run_id: str, uri: str | None = None):
+    """The study's run and its nested trial runs, by trial number."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(study_run_id)
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{study_run_id}'")
+    return parent, {int(r.data.tags["mixtune.trial"]): r for r in nested}
+
+
+def states(study) -> dict[int, str]:
+    return {t.number: t.state.name for t in study.trials}
+
+
+def test_the_study_is_no_dvc_output():
+    """DVC deletes a stage's outputs before it runs it: the journal must not be one, or no re-run continues."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values()
+            for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])]
+    journal = "search/optuna.journal"
+    assert not [o for o in outs if journal == o or journal.startswith(o.rstrip("/") + "/")]
+    assert {"search/adapter", "search/best.json", "search/trials.csv", "register/result.json"} <= set(outs)
+
+
+def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, tiny_model):
+    best = search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    trials = study.trials
+    assert [t.params["generalist_share"] for t in trials[:2]] == BASELINES  # the baselines, in this order
+    assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE"}
+    assert 0 < trials[2].params["generalist_share"] <= 0.75
+    for t in trials:
+        assert set(t.user_attrs) >= {"dev_metric", "dev_low", "dev_high", "dev_correct", "trained_tokens",
+                                     "mlflow_run_id", "worker", "model_uri", "adapter"}
+        assert t.user_attrs["dev_low"] <= t.value == t.user_attrs["dev_metric"] <= t.user_attrs["dev_high"]
+        assert len(t.user_attrs["dev_correct"]) == 12  # every dev example, scored
+        assert (Path(t.user_attrs["adapter"]) / "adapter_config.json").is_file()
+
+    # Outputs
+    assert best["size"] == 16 and best["metric"] == "accuracy" and best["tasks"] == [sp.TASK]
+    winner = max(trials, key=lambda t: (t.value, -t.params["generalist_share"]))
+    assert best["trial"] == winner.number and best["generalist_share"] == winner.params["generalist_share"]
+    assert best["run_id"] == winner.user_attrs["mlflow_run_id"]
+    assert best["answer"].startswith(f"For {sp.TASK} at 16 examples, ")
+    assert best["trials"] == {"complete": 3, "pruned": 0, "fail": 0}
+    assert best["trained_tokens_total"] == sum(t.user_attrs["trained_tokens"] for t in trials) > 0
+    assert (project / "search" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((project / "search" / "best.json").read_text()) == best
+    rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
+    assert [r["trial"] for r in rows] == ["0", "1", "2"]
+    assert list(rows[0]) == ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "trained_tokens"]
+    assert [float(r["share"]) for r in rows[:2]] == BASELINES and {r["state"] for r in rows} == {"COMPLETE"}
+    assert [float(r["dev_metric"]) for r in rows] == [t.value for t in trials]
+
+    # MLflow: one study run, a nested run per trial, the answer as its description
+    parent_id = study.user_attrs["mlflow_run_id"]
+    parent, nested = runs_of(parent_id)
+    assert parent.data.tags["mlflow.note.content"] == best["answer"]
+    assert parent.data.metrics["best.generalist_share"] == best["generalist_share"]
+    assert sorted(nested) == [0, 1, 2]
+    for n, run in nested.items():
+        assert run.info.run_id == trials[n].user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags["mixtune.trial_state"] == "COMPLETE"
+        assert float(run.data.params["generalist_share"]) == trials[n].params["generalist_share"]
+        assert run.data.metrics["dev.accuracy"] == trials[n].value
+    from mlflow import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
+    assert {"best.json", "trials.csv", "dev_vs_share.png"} <= artifacts
+
+    # n_trials 3 -> 4: the same study goes on; only trial 3 runs, the others are untouched
+    before = {t.number: (t.datetime_start, t.user_attrs["mlflow_run_id"]) for t in trials}
+    sp.write_params(project, tiny_model, search={"n_trials": 4})
+    search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "COMPLETE"}
+    assert {t.number: (t.datetime_start, t.user_attrs["mlflow_run_id"]) for t in study.trials[:3]} == before
+    assert study.user_attrs["mlflow_run_id"] == parent_id
+    _, nested = runs_of(parent_id)
+    assert sorted(nested) == [0, 1, 2, 3]
+    assert len({t.params["generalist_share"] for t in study.trials}) == 4  # no share drawn twice
+    assert len(list(csv.DictReader(open(project / "search" / "trials.csv")))) == 4
+
+    # n_trials reached: a third run runs nothing
+    search.run(*sp.search_sections(project))
+    assert len(sp.study(project).trials) == 4
+
+
+def test_a_failing_trial_is_fail_and_the_study_goes_on(project, monkeypatch):
+    from mixtune import mix
+
+    real = mix.run
+
+    def broken_at_half(cfg, *args, **kw):
+        if cfg.generalist_share == 0.5:
+            raise RuntimeError("disk full")
+        return real(cfg, *args, **kw)
+
+    monkeypatch.setattr(mix, "run", broken_at_half)
+    best = search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    assert states(study) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
+    assert study.trials[1].user_attrs["error"] == "disk full"
+    assert best["trials"] == {"complete": 2, "pruned": 0, "fail": 1}
+    _, nested = runs_of(study.user_attrs["mlflow_run_id"])
+    assert nested[1].info.status == "FAILED" and nested[1].data.tags["mixtune.error"] == "disk full"
+    rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
+    assert rows[1]["state"] == "FAIL" and rows[1]["dev_metric"] == ""
+
+    # Fixed: the re-run runs the failed baseline again (a new trial) and stops at n_trials finished.
+    monkeypatch.setattr(mix, "run", real)
+    search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    assert states(study) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
+    assert study.trials[3].params["generalist_share"] == 0.5
+
+
+def test_a_pruned_trial_stops_early_and_baselines_are_never_pruned(project, monkeypatch):
+    import optuna
+
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # the pruner always says stop
+    best = search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "PRUNED"}
+    trials = study.trials
+    # Everyone reports the dev subset every 2 steps (the baselines too: later trials are compared with them);
+    # the pruned trial stopped at its first report, after 2 of 4 steps.
+    assert [sorted(t.intermediate_values) for t in trials] == [[2], [2], [2]]
+    assert trials[2].user_attrs["trained_tokens"] < trials[0].user_attrs["trained_tokens"]
+    assert "dev_metric" not in trials[2].user_attrs and "model_uri" not in trials[2].user_attrs
+    _, nested = runs_of(study.user_attrs["mlflow_run_id"])
+    run = nested[2]
+    assert run.info.status == "FINISHED" and run.data.tags["mixtune.trial_state"] == "PRUNED"
+    assert run.data.tags["mixtune.pruned"].endswith("on 6 examples at step 2")
+    assert best["trials"] == {"complete": 2, "pruned": 1, "fail": 0}
+    rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
+    assert rows[2]["state"] == "PRUNED" and int(rows[2]["trained_tokens"]) == trials[2].user_attrs["trained_tokens"]
+
+
+def test_killed_mid_trial_then_rerun_continues(project, tiny_model):
+    """SIGKILL while trial 0 runs: the re-run marks it FAIL, runs the baseline again, loses no trial."""
+    sp.write_params(project, tiny_model, search={"n_trials": 2})
+    proc = sp.mixtune(project, "search", env_extra={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
+    try:
+        def trial_running():
+            if proc.poll() is not None:
+                raise AssertionError(f"search ended before it was killed:\n{proc.stdout.read()}")
+            try:  # the journal may be mid-write, or hold no study yet
+                trials = sp.study(project).trials
+            except Exception:
+                return False
+            return any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in trials)
+
+        sp.wait_until(trial_running, 180, "a running trial")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    study = sp.study(project)
+    assert states(study) == {0: "RUNNING", 1: "WAITING"}
+    killed_run = study.trials[0].user_attrs["mlflow_run_id"]
+
+    best = search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    assert states(study) == {0: "FAIL", 1: "COMPLETE", 2: "COMPLETE"}
+    assert [t.params["generalist_share"] for t in study.trials] == [0.0, 0.5, 0.0]  # the baseline, run again
+    _, nested = runs_of(study.user_attrs["mlflow_run_id"])
+    assert nested[0].info.run_id == killed_run and nested[0].info.status == "FAILED"
+    assert {n: r.info.status for n, r in nested.items()} == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"}
+    assert best["trials"] == {"complete": 2, "pruned": 0, "fail": 1}
+
+
+# --- PostgreSQL: two workers, one study ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (Debian's binaries; as user postgres when we are root)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb (apt-get install -y postgresql)")
+    bin_dir = Path(found[-1]).parent
+    as_user: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="mixtune-pg-"))  # not pytest's tmp: user postgres cannot enter that
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no user postgres to run the cluster as")
+        os.chmod(base, 0o777)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = sp.free_port()
+
+    def pg(*cmd):
+        subprocess.run([*as_user, *map(str, cmd)], check=True, capture_output=True, timeout=120)
+
+    try:
+        pg(bin_dir / "initdb", "-D", base / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        pg(bin_dir / "pg_ctl", "-D", base / "data", "-l", base / "log", "-w", "-t", "60",
+           "-o", f"-h 127.0.0.1 -p {port} -k {base}", "start")
+        for db in ("optuna", "mlflow"):
+            pg(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", db)
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        if (base / "data" / "postmaster.pid").exists():
+            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgres_study(project, tiny_model, postgres, monkeypatch):
+    import mlflow
+    import optuna
+
+    # psycopg2 named for MLflow (SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3); search.storage needs not.
+    storage, tracking = f"{postgres}/optuna", f"{postgres.replace('postgresql', 'postgresql+psycopg2')}/mlflow"
+    sp.write_params(project, tiny_model, search={"n_trials": 4, "storage": storage},
+                    train={"max_steps": 12, "batch_size": 2})  # trials long enough for both to get some
+    mlflow.MlflowClient(tracking).search_experiments()  # the store's tables, made once (a migration is not concurrent)
+    workers = [sp.mixtune(project, "search", "--worker", env_extra={"MLFLOW_TRACKING_URI": tracking})
+               for _ in range(2)]
+    try:
+        outputs = [w.communicate(timeout=420)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert not (project / "search" / "best.json").exists()  # workers write no outputs
+
+    study = sp.study(project, storage)
+    trials = study.trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]  # exactly n_trials: none twice, none over
+    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert [t.params["generalist_share"] for t in trials[:2]] == BASELINES  # each baseline once
+    pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
+    assert pids == {str(w.pid) for w in workers}  # both contributed
+    _, nested = runs_of(study.user_attrs["mlflow_run_id"], tracking)
+    assert sorted(nested) == [0, 1, 2, 3]
+    assert {n: r.info.run_id for n, r in nested.items()} == {t.number: t.user_attrs["mlflow_run_id"] for t in trials}
+
+    # The stage itself finds the study complete, runs nothing and writes the outputs; with the trials' folders
+    # gone (as if they ran on other machines), it takes the best adapter from MLflow.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    shutil.rmtree(project / ".cache" / "search")
+    best = search.run(*sp.search_sections(project))
+    assert (project / "search" / "adapter" / "adapter_config.json").is_file()
+    assert len(sp.study(project, storage).trials) == 4
+    assert best["trials"]["complete"] + best["trials"]["pruned"] == 4
+
+
+# --- a real MLflow tracking server ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = sp.free_port()
+    root = tmp_path / "server"
+    root.mkdir()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1", "--backend-store-uri",
+                             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+                            cwd=root, env=sp.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        if proc.poll() is not None:
+            raise AssertionError("mlflow server exited")
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        sp.wait_until(healthy, 120, "mlflow server", interval=0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_search_logs_to_an_mlflow_server(project, tiny_model, mlflow_server, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    sp.write_params(project, tiny_model, search={"n_trials": 2})
+    best = search.run(*sp.search_sections(project))
+    study = sp.study(project)
+    parent, nested = runs_of(study.user_attrs["mlflow_run_id"], mlflow_server)
+    assert sorted(nested) == [0, 1] and parent.data.tags["mlflow.note.content"] == best["answer"]
+    assert {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent.info.run_id)} >= {"trials.csv"}
+    model = MlflowClient(mlflow_server).get_logged_model(best["model_uri"].removeprefix("models:/"))
+    assert model.source_run_id == best["run_id"]

@@ -1,0 +1,109 @@
+"""tracking: the store is the main repository's, also from a `dvc exp run --temp/--queue` copy; one run per stage
+execution, ended FINISHED, FAILED or KILLED; params flattened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mixtune import tracking
+
+
+@pytest.mark.parametrize("cwd, root", [
+    ("/x/repo/.dvc/tmp/exps/tmpabc", "/x/repo"),
+    ("/x/repo/.dvc/tmp/exps/tmpabc/sub/dir", "/x/repo"),
+    ("/x/repo/.dvc/tmp/exps/run/a1b2c3", "/x/repo"),  # queued experiments' workspaces
+    ("/x/repo", "/x/repo"),
+    ("/x/repo/.dvc/tmp", "/x/repo/.dvc/tmp"),  # not an experiment copy: as is
+])
+def test_repo_root(cwd, root):
+    assert tracking.repo_root(Path(cwd)) == Path(root)
+
+
+@pytest.fixture
+def exp_copy(tmp_path, monkeypatch):
+    """A repository and a DVC experiment's temporary copy of it; run from the copy, no MLFLOW_TRACKING_URI."""
+    repo = tmp_path.resolve() / "repo"
+    copy = repo / ".dvc" / "tmp" / "exps" / "tmpabc"
+    copy.mkdir(parents=True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(copy)
+    return repo, copy
+
+
+def test_tracking_uri_from_an_experiment_copy_is_the_main_store(exp_copy, monkeypatch):
+    repo, copy = exp_copy
+    assert tracking.repo_root() == repo
+    assert tracking.tracking_uri() == f"sqlite:///{repo}/mlruns/mlflow.db"
+    monkeypatch.chdir(repo)
+    assert tracking.tracking_uri() == f"sqlite:///{repo}/mlruns/mlflow.db"  # always absolute
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # a team's server wins
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_runs_from_an_experiment_copy_land_in_the_main_store(exp_copy):
+    from mlflow import MlflowClient
+
+    repo, copy = exp_copy
+    params = {"train": {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "max_steps": None},
+              "mix": {"generalist_share": 0.25}}
+    with tracking.stage_run("train", ["topic"], params, {"mixtune.mix_sha256": "abc"}) as run:
+        import mlflow
+
+        mlflow.log_metric("loss", 1.5, step=1)
+        mlflow.log_text("hello", "note.txt")
+    with pytest.raises(RuntimeError), tracking.stage_run("evaluate", ["topic"], {}):
+        raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), tracking.stage_run("train", ["topic"], {}):
+        raise KeyboardInterrupt
+
+    assert (repo / "mlruns" / "mlflow.db").is_file()
+    assert not (copy / "mlruns").exists()  # nothing in the copy, which DVC deletes
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("mixtune/topic")
+    assert exp.artifact_location == (repo / "mlruns" / "artifacts").as_uri()
+    finished, failed, killed = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert finished.info.run_id == run.info.run_id
+    assert [r.info.status for r in (finished, failed, killed)] == ["FINISHED", "FAILED", "KILLED"]
+    assert [r.data.tags["mixtune.stage"] for r in (finished, failed, killed)] == ["train", "evaluate", "train"]
+    assert finished.data.params == {"train.lora.r": "8", "train.lora.target_modules": "['q_proj', 'v_proj']",
+                                    "train.max_steps": "", "mix.generalist_share": "0.25"}
+    assert finished.data.tags["mixtune.mix_sha256"] == "abc"
+    assert "mlflow_overhead_seconds" in finished.data.metrics
+    artifact = Path(client.download_artifacts(run.info.run_id, "note.txt", str(copy / "dl")))
+    assert artifact.read_text() == "hello"
+    assert finished.info.artifact_uri.startswith((repo / "mlruns" / "artifacts").as_uri())
+
+
+def test_more_than_100_params_are_logged(tmp_path, monkeypatch):
+    """MLflow takes at most 100 params per call; stage_run batches them."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    params = {"evaluate": {f"k{i}": i for i in range(150)}}
+    with tracking.stage_run("evaluate", ["a", "b"], params) as run:
+        pass
+    got = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.params
+    assert got == {f"evaluate.k{i}": str(i) for i in range(150)}
+    assert MlflowClient(tracking_uri=uri).get_experiment(run.info.experiment_id).name == "mixtune/a+b"
+
+
+def test_flatten_and_experiment_name():
+    assert tracking.flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": None}) == {"a.b.c": 1, "a.d": [1, 2], "e": None}
+    assert tracking.experiment_name(["bbc_news"]) == "mixtune/bbc_news"
+    assert tracking.experiment_name(["a", "b"]) == "mixtune/a+b"
+
+
+def test_unreachable_store_is_one_line_error(tmp_path, monkeypatch):
+    from mixtune.errors import MixtuneError
+
+    (tmp_path / "file").write_text("")  # the store's folder would have to be inside a file
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/file/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MixtuneError, match=r"^MLflow store sqlite:///\S+: ") as e:
+        with tracking.stage_run("train", ["topic"], {}):
+            pass
+    assert "\n" not in str(e.value)

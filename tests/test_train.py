@@ -1,0 +1,357 @@
+"""train: the completion-only loss, a real run on the tiny model tracked in MLflow, a diverged run, an
+interrupted run that resumes to the same result, and one-line errors for missing models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mixtune import train
+from mixtune.config import ModelConfig
+from mixtune.errors import MixtuneError
+
+from conftest import write_params
+from workspace import TASK, make_mix, runs, train_config, use_store, write_prepared, write_stage_params
+
+
+# --- the loss --------------------------------------------------------------------------------------------------
+
+
+def _batch(tokenizer, seed: int = 0):
+    """Right-padded rows (as TRL collates them) with prompt, completion and padding of different lengths."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    # (prompt length, completion length, padding) per row: completions start at different positions
+    shapes = [(5, 3, 4), (9, 2, 1), (3, 6, 3), (7, 5, 0)]
+    width = max(p + c + pad for p, c, pad in shapes)
+    ids, mask, labels = [], [], []
+    for p, c, pad in shapes:
+        assert p + c + pad == width
+        row = torch.randint(3, len(tokenizer), (p + c,), generator=g).tolist()
+        ids.append(row + [tokenizer.pad_token_id] * pad)
+        mask.append([1] * (p + c) + [0] * pad)
+        labels.append([-100] * p + row[p:] + [-100] * pad)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+def _reference_loss(model, inputs):
+    """Plain causal-LM cross-entropy over every position, then masked: the definition, no shortcuts."""
+    import torch
+
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
+    logits, target = logits[:, :-1], inputs["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                  reduction="none")
+    return per_token.sum(), (target != -100).sum()
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["plain", "lora"])
+def test_completion_loss_equals_masked_cross_entropy(tiny_model, peft):
+    import torch
+
+    from mixtune.model import load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_base(str(tiny_model))
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM", init_lora_weights=False))
+    model.eval()
+    inputs = _batch(tokenizer)
+    with torch.no_grad():
+        total, count = _reference_loss(model, inputs)
+        assert count == 3 + 2 + 6 + 5  # every completion token, predicted from the position before it
+        loss = train.completion_loss(model, inputs)
+        assert loss.item() == pytest.approx((total / count).item(), abs=1e-5)
+        # With the batch's token count from the Trainer (gradient accumulation, several devices): sum / that.
+        n = torch.tensor(37)
+        assert train.completion_loss(model, inputs, num_items_in_batch=n).item() == \
+            pytest.approx((total / 37).item(), abs=1e-5)
+
+
+def test_completion_loss_gradient_matches(tiny_model):
+    """The loss trains the same: its gradient equals the reference's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mixtune.model import load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = get_peft_model(load_base(str(tiny_model)), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                  task_type="CAUSAL_LM", init_lora_weights=False))
+    inputs = _batch(tokenizer, seed=1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total, count = _reference_loss(model, inputs)
+    want = torch.autograd.grad(total / count, params)
+    got = torch.autograd.grad(train.completion_loss(model, inputs), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+# --- a run, end to end -----------------------------------------------------------------------------------------
+
+
+def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    uri = use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    manifest = make_mix(tmp_path)
+    cfg = train_config(max_steps=8, logging_steps=2, save_steps=4)
+    m = train.run(cfg, ModelConfig(base=str(tiny_model)), Path("mix"), Path("train"))
+
+    # The adapter: LoRA config and weights, and the tokenizer (with its chat template) beside them.
+    adapter = tmp_path / "train" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "tokenizer.json").is_file() and (adapter / "tokenizer_config.json").is_file()
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model.resolve())  # absolute: usable from anywhere
+    assert adapter_cfg["r"] == 4
+
+    # loss.csv: one row per logging step.
+    with open(tmp_path / "train" / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    assert set(rows[0]) == {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second"}
+    losses = [float(r["loss"]) for r in rows]
+    assert all(np.isfinite(losses)) and all(0 < x < 20 for x in losses)
+
+    # metrics.json
+    on_disk = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert on_disk == m
+    assert m["steps"] == 8 and m["trained_tokens"] > 0 and m["resumed"] is False
+    assert m["final_loss"] == pytest.approx(losses[-1])
+    assert m["train_loss"] == pytest.approx(np.mean(losses), rel=1e-6)  # every interval is 2 steps
+    assert m["tokens_per_second"] > 0 and m["train_seconds"] > 0
+    assert re.fullmatch(r"[0-9a-f]{32}", m["run_id"])
+    # Done: the checkpoints are gone (the adapter is saved and logged).
+    assert not any((tmp_path / ".cache" / "checkpoints").glob("*/checkpoint-*"))
+
+    # The MLflow run.
+    client = MlflowClient(tracking_uri=uri)
+    [run] = runs(uri)
+    assert run.info.run_id == m["run_id"]
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == f"mixtune/{TASK}"
+    p = run.data.params
+    assert p["train.lora.r"] == "4" and p["train.max_steps"] == "8" and p["train.lora.target_modules"] == "all-linear"
+    assert p["mix.generalist_share"] == "0.2" and p["mix.specialist_size"] == "32" and p["mix.generalist_size"] == "8"
+    assert p["model.base"] == str(tiny_model) and p["precision_used"] == "fp32"
+    assert run.data.tags["mixtune.stage"] == "train"
+    assert run.data.tags["mixtune.mix_sha256"] == manifest["sha256"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [h.step for h in sorted(history, key=lambda h: h.step)] == [2, 4, 6, 8]
+    assert [h.value for h in sorted(history, key=lambda h: h.step)] == pytest.approx(losses)
+    assert len(client.get_metric_history(run.info.run_id, "learning_rate")) == 4
+    assert run.data.metrics["train_loss"] == pytest.approx(m["train_loss"])
+    assert run.data.metrics["steps"] == 8
+    [inp] = run.inputs.dataset_inputs
+    assert inp.dataset.name == f"mix-{manifest['sha256'][:12]}"
+    assert json.loads(inp.dataset.source)["uri"] == str(tmp_path / "mix" / "train.jsonl")
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert json.loads(inp.dataset.profile)["num_rows"] == manifest["total"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss.csv", "mix_manifest.json"} <= artifacts
+    logged_manifest = json.loads(Path(client.download_artifacts(run.info.run_id, "mix_manifest.json",
+                                                                str(tmp_path / "dl"))).read_text())
+    assert logged_manifest == manifest
+
+    # The adapter as an MLflow model of the run: loads and generates without copying the base model.
+    [output] = run.outputs.model_outputs
+    model_info = mlflow.get_logged_model(output.model_id)
+    assert model_info.name == "adapter" and model_info.source_run_id == run.info.run_id
+    model_files = {p.name for p in Path(model_info.artifact_location.removeprefix("file://")).rglob("*")}
+    assert "MLmodel" in model_files and "adapter_model.safetensors" in model_files
+    assert "model.safetensors" not in model_files  # the base model is referenced by path, not copied
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    out = pyfunc.predict("Which class? Answer with one of: a, b, c.", params={"max_new_tokens": 3})
+    assert isinstance(out, str) or (isinstance(out, list) and len(out) == 1 and isinstance(out[0], str))
+
+
+def test_nan_loss_fails_the_run(tmp_path, monkeypatch, tiny_model):
+    """A learning rate of 1e30 blows the weights up after the first update: the loss goes NaN for real."""
+    uri = use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    cfg = train_config(learning_rate=1e30, max_steps=8, logging_steps=2, warmup_ratio=0.0)
+    with pytest.raises(MixtuneError, match=r"(?i)training loss is (nan|-?inf) at step \d+; lower train.learning_rate"):
+        train.run(cfg, ModelConfig(base=str(tiny_model)), Path("mix"), Path("train"))
+    [run] = runs(uri)
+    assert run.info.status == "FAILED"
+    assert not (tmp_path / "train").exists()  # no adapter, loss.csv or metrics from a diverged run
+
+
+# --- interrupted and resumed -----------------------------------------------------------------------------------
+
+
+RESUME_STEPS = 40  # ~2 s of training: time enough to interrupt it after its first checkpoint
+
+
+def _spawn(cwd: Path, uri: str, log: str) -> subprocess.Popen:
+    # One thread, as in this process (conftest's tiny_model): the same arithmetic as the in-process runs.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    out, err = open(cwd / f"{log}.out", "w"), open(cwd / f"{log}.err", "w")  # files: no pipe to fill up
+    return subprocess.Popen([sys.executable, "-m", "mixtune.cli", "--params", "params.yaml", "train"], cwd=cwd,
+                            env=env, stdout=out, stderr=err, text=True)
+
+
+def _checkpoint_steps(root: Path) -> list[int]:
+    return sorted(int(p.name.rsplit("-", 1)[1]) for p in root.glob(".cache/checkpoints/*/checkpoint-*"))
+
+
+def _interrupted_step(root: Path, out: str) -> int:
+    step = int(re.search(r"train: interrupted at step (\d+); checkpoint saved, re-run to resume", out).group(1))
+    assert step in _checkpoint_steps(root)  # the step it stopped at was saved
+    assert not (root / "train").exists()  # and nothing half-done was written
+    return step
+
+
+def _ctrl_c_after_checkpoint(monkeypatch, newer_than: int) -> None:
+    """Make the next in-process run send itself SIGINT (a real signal, through the stage's own handler) when it
+    saves a checkpoint beyond step `newer_than`: exactly what Ctrl-C does, with no race against the run's end."""
+    from transformers import TrainerCallback
+
+    callbacks = train._callbacks
+
+    class CtrlC(TrainerCallback):
+        sent = False
+
+        def on_save(self, args, state, control, **kw):
+            if not self.sent and state.global_step > newer_than:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(train, "_callbacks", lambda *a, **kw: [*callbacks(*a, **kw), CtrlC()])
+
+
+def test_sigterm_then_sigint_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cli, tiny_model):
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    cfg = train_config(max_steps=RESUME_STEPS, logging_steps=2, save_steps=2)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        root.mkdir()
+        write_prepared(root)
+        make_mix(root)
+        write_stage_params(root / "params.yaml", tiny_model, cfg)
+    uri = use_store(monkeypatch, tmp_path)
+    monkeypatch.chdir(a)
+
+    # SIGTERM (what `dvc exp`, a scheduler or `kill` sends) to `mixtune train` after its first checkpoint:
+    # exit 130 with one line, no traceback; the MLflow run KILLED.
+    proc = _spawn(a, uri, "term")
+    deadline = time.monotonic() + 300
+    while not _checkpoint_steps(a):
+        assert proc.poll() is None, f"train exited (rc {proc.returncode}) before a checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint in 300 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    out, err = (a / "term.out").read_text(), (a / "term.err").read_text()
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "mixtune train: interrupted"
+    first = _interrupted_step(a, out)
+    assert first < RESUME_STEPS
+
+    # Ctrl-C (SIGINT) during the resumed run, after it saves a newer checkpoint: exit 130 again, run KILLED.
+    with monkeypatch.context() as mp:
+        _ctrl_c_after_checkpoint(mp, newer_than=first)
+        rc, out, err = cli("--params", "params.yaml", "train")
+    assert rc == 130 and err.strip().splitlines()[-1] == "mixtune train: interrupted"
+    assert re.search(r"train: resuming from \S+checkpoint-%d\b" % first, out)
+    second = _interrupted_step(a, out)
+    assert first < second < RESUME_STEPS
+
+    # The re-run resumes from there and finishes.
+    rc, out, err = cli("--params", "params.yaml", "train")
+    assert rc == 0, err[-2000:]
+    assert re.search(r"train: resuming from \S+checkpoint-%d\b" % second, out)
+    assert f"train: {RESUME_STEPS} steps" in out
+    assert [r.info.status for r in runs(uri)] == ["KILLED", "KILLED", "FINISHED"]
+
+    # The same config, uninterrupted, in another folder.
+    monkeypatch.chdir(b)
+    train.run(cfg, ModelConfig(base=str(tiny_model)), Path("mix"), Path("train"))
+
+    ma, mb = (json.loads((r / "train" / "metrics.json").read_text()) for r in (a, b))
+    assert ma["resumed"] is True and mb["resumed"] is False
+    assert ma["steps"] == mb["steps"] == RESUME_STEPS
+    assert ma["trained_tokens"] == mb["trained_tokens"]
+    # fp32 on a CPU, one thread, the same seed, and the checkpoint restores the sampler and RNG states, the
+    # optimizer and the scheduler: the resumed run is the same computation, bit for bit in practice (measured:
+    # identical). 1e-6 allows only a different reduction order; a resume that replayed or skipped a batch or
+    # restarted the schedule moves these by more than 1e-3.
+    assert ma["train_loss"] == pytest.approx(mb["train_loss"], abs=1e-6)  # the mean over ALL the steps
+    assert ma["final_loss"] == pytest.approx(mb["final_loss"], abs=1e-6)
+    wa, wb = (load_file(r / "train" / "adapter" / "adapter_model.safetensors") for r in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max().item() <= 1e-6, k
+
+    # The resumed run's curve and its MLflow history cover the whole training (from the checkpoints' history).
+    ra, rb = (list(csv.DictReader(open(r / "train" / "loss.csv"))) for r in (a, b))
+    steps_a, steps_b = [int(r["step"]) for r in ra], [int(r["step"]) for r in rb]
+    assert set(steps_b) <= set(steps_a) and steps_a == sorted(steps_a) and steps_a[-1] == RESUME_STEPS
+    assert {first, second} <= set(steps_a)  # the interrupted steps were logged before their checkpoint
+    assert float(ra[-1]["loss"]) == pytest.approx(float(rb[-1]["loss"]), abs=1e-6)
+    history = MlflowClient(tracking_uri=uri).get_metric_history(ma["run_id"], "loss")
+    assert sorted(h.step for h in history) == steps_a
+
+
+# --- one-line errors -------------------------------------------------------------------------------------------
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("what", ["absent", "not a model"])
+def test_missing_base_model_is_one_line(tmp_path, monkeypatch, cli, tiny_model, what):
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    base = tmp_path / "models" / "nowhere"
+    if what == "not a model":
+        base.mkdir(parents=True)
+    write_params(tmp_path / "params.yaml", model={"base": str(base)}, train=train_config().model_dump())
+    rc, out, err = cli("--params", tmp_path / "params.yaml", "train")
+    assert rc == 1 and out == ""
+    line = _one_line(err)
+    assert line.startswith("mixtune train: error: ") and str(base) in line
+    assert ("no such model folder" if what == "absent" else "not a model folder (no config.json)") in line
+    # Checked before a run is opened: nothing to record in MLflow.
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_missing_adapter_is_one_line(tmp_path, monkeypatch, cli, tiny_model):
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    write_stage_params(tmp_path / "params.yaml", tiny_model, evaluate={"bootstrap": 100})
+    rc, out, err = cli("--params", tmp_path / "params.yaml", "evaluate")
+    assert rc == 1 and out == ""
+    line = _one_line(err)
+    assert line == ("mixtune evaluate: error: train/adapter: not an adapter folder (no adapter_config.json); "
+                    "run the train stage")
+
