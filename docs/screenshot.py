@@ -29,11 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(REPO / "docs" / "mlflow-compare.png"))
     ap.add_argument("--experiment", default="mixtune/bbc_news")
+    ap.add_argument("--mlruns", default=str(REPO / "mlruns"), help="the MLflow store's folder")
     args = ap.parse_args()
 
     import mlflow
 
-    uri = f"sqlite:///{REPO / 'mlruns' / 'mlflow.db'}"
+    uri = f"sqlite:///{Path(args.mlruns).resolve() / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(args.experiment)
     runs = client.search_runs([exp.experiment_id], "tags.`mixtune.stage` = 'evaluate' and attributes.status = 'FINISHED'",
