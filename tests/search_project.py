@@ -3,12 +3,15 @@ and a params.yaml that trains the tiny model for a few steps."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -112,3 +115,32 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def mlflow_service(args: list[str], cwd: Path, health: str, timeout: float):
+    """Start `mlflow <args> --host 127.0.0.1 --port <free>` in its own process group, wait until GET <health>
+    answers 200, yield its URL; stop the whole group afterwards."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), *args, "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow {args[0]} exited")
+        try:
+            return urllib.request.urlopen(f"{url}{health}", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, timeout, f"mlflow {args[0]}", interval=0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -254,23 +251,8 @@ def test_mlflow_models_serve_answers_a_request(registered):
     from mixtune.predict import chat_prompt
     from mixtune.model import load_tokenizer
 
-    port = sp.free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                             f"models:/{NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=registered, env=sp.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError("mlflow models serve exited")
-        try:
-            return urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        sp.wait_until(ready, 240, "the served model", interval=1)
+    serve = ["models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local"]
+    with sp.mlflow_service(serve, registered, "/ping", 240) as url:
         prompt = chat_prompt(load_tokenizer(sp.load(registered, "model").base), "Which class? kalo")
         req = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": [prompt, prompt]}).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -278,9 +260,3 @@ def test_mlflow_models_serve_answers_a_request(registered):
             body = json.loads(r.read())
         assert r.status == 200
         assert len(body["predictions"]) == 2 and all(isinstance(p, str) for p in body["predictions"])
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)

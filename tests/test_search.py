@@ -11,9 +11,7 @@ import pwd
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -291,33 +289,12 @@ def test_two_workers_share_one_postgres_study(project, tiny_model, postgres, mon
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = sp.free_port()
     root = tmp_path / "server"
     root.mkdir()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--backend-store-uri",
-                             f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-                            cwd=root, env=sp.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        if proc.poll() is not None:
-            raise AssertionError("mlflow server exited")
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        sp.wait_until(healthy, 120, "mlflow server", interval=0.5)
+    server = ["server", "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+              "--artifacts-destination", str(root / "artifacts")]
+    with sp.mlflow_service(server, root, "/health", 120) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_search_logs_to_an_mlflow_server(project, tiny_model, mlflow_server, monkeypatch):
