@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 # This machine sets PYTHONDONTWRITEBYTECODE; compiled bytecode halves import time.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: run test setup fetch bench ui clean
+.PHONY: run test study setup fetch bench ui clean
 
 MLFLOW_PORT ?= 5000
 
@@ -24,6 +24,10 @@ run: fetch
 
 test: fetch
 	$(BIN)/pytest -q
+
+# The paper's experiments (study/params.yaml: the `cpu` preset, under an hour here) -> reports/study.md
+study: fetch
+	$(BIN)/dvc repro study/dvc.yaml
 
 setup: $(STAMP)
 
@@ -44,6 +48,7 @@ bench: run
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_eval.py
+	$(BIN)/python bench/bench_search.py
 
 # The MLflow UI on the project's store, on this machine only.
 ui: $(STAMP)

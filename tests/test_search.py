@@ -14,10 +14,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import search_project as sp
 from conftest import REPO
+from mixtune import metrics as M
 from mixtune import search
 
 BASELINES = [0.0, 0.5]
@@ -77,6 +79,12 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
     assert best["trial"] == winner.number and best["generalist_share"] == winner.params["generalist_share"]
     assert best["run_id"] == winner.user_attrs["mlflow_run_id"]
     assert best["answer"].startswith(f"For {sp.TASK} at 16 examples, ")
+    # Three shares: the answer also gives the mixing law's best share, the fit the study's report uses.
+    fit = M.fit_share([t.params["generalist_share"] for t in trials],
+                      np.array([[[float(c) for c in t.user_attrs["dev_correct"]]] for t in trials]), 0.75, 100, 0)
+    assert best["fit"] == fit and best["answer"].endswith(
+        f"The mixing law fitted to the 3 trials (quadratic in the share) puts the best share at "
+        f"r={fit['share']:.2f} [{fit['share_low']:.2f}, {fit['share_high']:.2f}].")
     assert best["trials"] == {"complete": 3, "pruned": 0, "fail": 0}
     assert best["trained_tokens_total"] == sum(t.user_attrs["trained_tokens"] for t in trials) > 0
     assert (project / "search" / "adapter" / "adapter_config.json").is_file()

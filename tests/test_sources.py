@@ -214,6 +214,17 @@ def test_hf_builder_on_a_local_file(tmp_path, hf_offline, builder):
     assert [ex["id"] for ex in examples] == ["src/0", "src/1"]
 
 
+def test_hf_where_keeps_one_task_of_a_dataset_of_many(tmp_path, hf_offline):
+    # The shape of Super-NaturalInstructions on the hub: every task in one table, named by a column.
+    rows = [{"task_name": f"task{i % 3}", "definition": "Add.", "inputs": f"{i} + 1", "targets": str(i + 1)}
+            for i in range(9)]
+    write_jsonl(tmp_path / "ni.jsonl", rows)
+    src = HFSource(name="t1", kind="hf", dataset="json", data_files=str(tmp_path / "ni.jsonl"), format="alpaca",
+                   columns={"instruction": "definition", "input": "inputs", "output": "targets"},
+                   where={"task_name": "task1"})
+    assert [ex["completion"] for ex in read_source(src, tmp_path)] == ["2", "5", "8"]
+
+
 def test_hf_missing_field_names_the_record(tmp_path, hf_offline):
     write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": ""}])
     src = HFSource(name="src", kind="hf", dataset="json", data_files=str(tmp_path / "d.jsonl"), format="alpaca")

@@ -91,6 +91,34 @@ def _predict(args) -> None:
     print(f"predict: {n} predictions in {args.output}")
 
 
+def _study(args) -> None:
+    from mixtune.config import load_section
+
+    cfg = load_section("study", args.study_params)
+    if args.action == "prepare":
+        from mixtune import study
+
+        for target in [args.target] if args.target else list(cfg.targets):
+            stats = study.prepare_target(cfg, target)
+            c = stats["coverage"]
+            print(f"study prepare {target}: splits {stats['splits']}, pool {stats['generalist_pool']}, "
+                  f"coverage {c['coverage']:.3f} ({c['tasks']} of {c['pool_tasks']} pool tasks)")
+    elif args.action == "run":
+        from mixtune import study
+
+        if not args.target or not args.size:
+            raise MixtuneError("study run: needs --target and --size (one stage of study/dvc.yaml's matrix)")
+        doc = study.run_target(cfg, args.target, args.size)
+        print(f"study run {args.target} n={args.size}: {len(doc['cells'])} cells in {study.results_path(args.target, args.size)}")
+    else:
+        from mixtune import study_report
+
+        agg = study_report.run(cfg)
+        for key, c in agg["claims"].items():
+            print(f"study report: {key}: {c['verdict']}")
+        print("study report: reports/study.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtune", description="Specialist or generalist? Tune a language model for one task and find how much generalist instruction data to mix in.")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -137,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL, one {"prompt": text or chat messages} per line')
     p.add_argument("--output", required=True)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("study", help="the paper's experiments: study/dvc.yaml runs prepare, run and report")
+    p.add_argument("action", choices=["prepare", "run", "report"])
+    p.add_argument("--target", help="a key of study.targets (prepare: default all)")
+    p.add_argument("--size", type=int, help="a value of study.sizes (run)")
+    p.add_argument("--study-params", default="study/params.yaml", help="default: study/params.yaml")
+    p.set_defaults(func=_study)
     return parser
 
 

@@ -59,6 +59,7 @@ class HFSource(_RecordSource):
     split: str = "train"
     data_files: str | list[str] | None = None
     revision: str | None = None
+    where: dict[str, str] = {}  # keep only the rows whose columns equal these values
 
 
 class BigbenchSource(_SourceBase):
@@ -103,6 +104,9 @@ class MixConfig(_Section):
     # Fraction of the FINAL training set drawn from the generalist pool (see README, "the ratio").
     generalist_share: float = Field(ge=0, lt=1)
     seed: int = 0
+    # Fraction of the drawn generalist examples whose answer is replaced by a wrong one (another answer of the
+    # same task): hallucinated generalist data, as a knob the study turns (claim 3).
+    corrupt_generalist: float = Field(default=0.0, ge=0, le=1)
 
 
 class ModelConfig(_Section):
@@ -166,6 +170,56 @@ class RegisterConfig(_Section):
     require_interval: bool = False  # ...and, if set, the paired 95% interval of the gain lies above 0
 
 
+Capability = Literal["understanding", "reasoning", "knowledge"]
+
+
+class StudyPrepareConfig(PrepareConfig):
+    specialist: list[Source] = []  # each study target brings its own
+
+
+class StudyTarget(_Section):
+    """One target task of the study: its data, what it tests, and what is held out of the generalist pool."""
+
+    source: Source  # a BIG-bench task (kind: bigbench, tasks: [...]) or the user's own file / hub dataset
+    capability: Capability | None = None  # None: a task outside the capability comparison (e.g. BBC News)
+    # Near relatives of the target, by task name (a name also holds out its subtasks); the target's own task is
+    # always held out.
+    hold_out: list[str] = []
+    # Vary coverage: drop every pool task with one of these keywords (e.g. the target's own skill).
+    pool_exclude_keywords: list[str] = []
+
+
+class StudyConfig(_Section):
+    """study/params.yaml: the paper's experiment grid (see study/README and the report)."""
+
+    preset: str = "cpu"
+    note: str = ""  # what the preset cuts to fit its budget; the report quotes it
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    prepare: StudyPrepareConfig  # the generalist pool and the splits; each target brings its own source
+    targets: dict[str, StudyTarget] = Field(min_length=1)
+    sizes: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    shares: list[Annotated[float, Field(ge=0, lt=1)]] = Field(min_length=2)  # must include 0, the specialist
+    fixed_share: float = Field(gt=0, lt=1)  # "specialist + generalist at a fixed share": one of `shares`
+    seeds: list[int] = Field(min_length=1)
+    dev_examples: int = Field(default=50, gt=0)  # dev examples that choose the share (the search condition)
+    test_examples: int = Field(default=100, gt=0)  # test examples every number of the report is measured on
+    corrupt_generalist: list[Annotated[float, Field(gt=0, le=1)]] = []  # rates; 0 is the uncorrupted cell
+    corrupt_targets: list[str] = []  # the targets the corruption rates run on (at the largest size)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        if 0.0 not in self.shares:
+            raise ValueError("shares must include 0.0 (the pure specialist)")
+        if self.fixed_share not in self.shares:
+            raise ValueError(f"fixed_share {self.fixed_share} must be one of shares {self.shares}")
+        unknown = [t for t in self.corrupt_targets if t not in self.targets]
+        if unknown:
+            raise ValueError(f"corrupt_targets {unknown} are not targets ({sorted(self.targets)})")
+        return self
+
+
 class Params(_Section):
     """params.yaml; every section is optional here so one stage's section validates on its own."""
 
@@ -176,6 +230,7 @@ class Params(_Section):
     evaluate: EvaluateConfig | None = None
     search: SearchConfig | None = None
     register_: RegisterConfig | None = Field(default=None, alias="register")  # `register` is a BaseModel method
+    study: StudyConfig | None = None  # in study/params.yaml
 
 
 _KINDS = ("file", "hf", "bigbench")  # the tags pydantic puts in an error's loc for the Source union

@@ -63,3 +63,52 @@ def bootstrap(metric: Callable[[np.ndarray], float], n: int, resamples: int, see
     values = [metric(rng.integers(0, n, n)) for _ in range(resamples)]
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
+
+
+def resample_means(scores: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """scores: (conditions, seeds, examples), every condition on the same seeds and examples. -> (resamples,
+    conditions): each condition's mean over one two-way resample (seeds and examples drawn with replacement,
+    the same draw for every condition, so differences between conditions stay paired)."""
+    _, s, n = scores.shape
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, scores.shape[0]))
+    for i in range(resamples):
+        rows, cols = rng.integers(0, s, s), rng.integers(0, n, n)
+        out[i] = scores[:, rows][:, :, cols].mean(axis=(1, 2))
+    return out
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def _quadratic_best(shares: np.ndarray, means: np.ndarray, max_share: float) -> tuple[float, float, np.ndarray]:
+    coef = np.polyfit(shares, means, 2)  # c r^2 + b r + a
+    candidates = [0.0, max_share]
+    if coef[0] < 0 and 0 < -coef[1] / (2 * coef[0]) < max_share:
+        candidates.append(-coef[1] / (2 * coef[0]))
+    values = np.polyval(coef, candidates)
+    i = int(np.argmax(values))
+    return float(candidates[i]), float(values[i]), coef
+
+
+def fit_share(shares: Sequence[float], scores: np.ndarray, max_share: float, resamples: int, seed: int) -> dict | None:
+    """A mixing law: the metric as a quadratic in the generalist share, fitted by least squares to the mean score
+    at each share; the predicted best share r_hat is its maximum on [0, max_share], and its 95% interval comes
+    from refitting on two-way resamples (seeds x examples, see resample_means).
+
+    Why a quadratic: Data Mixing Laws (Ye et al., 2024) fit loss = c + k exp(t r) per domain; that family is
+    monotone in r, so its optimum is always an endpoint, while the accuracy curves of the paper (and of our
+    searches) rise and then fall. A concave quadratic is the smallest family with an interior optimum, and
+    3 shares identify it. scores: (shares, seeds, examples). None with fewer than 3 distinct shares."""
+    x = np.asarray(shares, dtype=float)
+    if len(set(x.tolist())) < 3:
+        return None
+    means = scores.mean(axis=(1, 2))
+    best, value, coef = _quadratic_best(x, means, max_share)
+    boot = [_quadratic_best(x, m, max_share)[:2] for m in resample_means(scores, resamples, seed)]
+    r_low, r_high = interval(np.array([b[0] for b in boot]))
+    v_low, v_high = interval(np.array([b[1] for b in boot]))
+    return {"share": best, "share_low": r_low, "share_high": r_high, "value": value, "value_low": v_low,
+            "value_high": v_high, "coef": [float(c) for c in coef[::-1]]}  # a, b, c

@@ -4,6 +4,10 @@ generalist_share r is the fraction of the FINAL training set drawn from the gene
     n_g = round(n_s * r / (1 - r))        e.g. n_s = 300, r = 0.25 -> n_g = 100 (400 in all)
 Both sources are sampled without replacement with one seeded generator; asking for more than a source holds
 is an error, never silent oversampling. Lines are copied as bytes, so mixing a million examples is I/O bound.
+
+corrupt_generalist c replaces the answer of exactly round(c * n_g) of the drawn generalist examples with a wrong
+one: another of its options (multiple choice), else another answer of the same task in the pool. The study uses
+it to put hallucinated generalist data under control (the paper's claim 3).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from mixtune.config import MixConfig
 from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, write_json
+from mixtune.files import atomic_dir, dumps, write_json
 
 
 def generalist_count(specialist_size: int, share: float) -> int:
@@ -38,12 +42,37 @@ def _sample(lines: list[bytes], k: int, rng: np.random.Generator, what: str, pat
     return [lines[i] for i in idx]
 
 
+def _corrupt(drawn: list[bytes], pool: list[bytes], rate: float, rng: np.random.Generator, path: Path) -> int:
+    """Give round(rate * len(drawn)) of the drawn examples a wrong answer, in place; -> how many."""
+    answers: dict[str, set[str]] = {}
+    for line in pool:
+        ex = json.loads(line)
+        answers.setdefault(ex["task"], set()).add(ex["completion"])
+    examples = [json.loads(line) for line in drawn]
+
+    def wrong(ex: dict) -> list[str]:
+        return sorted(set(ex["options"] or answers[ex["task"]]) - {ex["completion"]})
+
+    k = round(rate * len(examples))
+    possible = [i for i, ex in enumerate(examples) if wrong(ex)]
+    if k > len(possible):
+        raise MixtuneError(f"{path}: mix.corrupt_generalist={rate}: needs {k} examples with another answer in "
+                           f"their task, the draw has {len(possible)}")
+    for i in sorted(rng.choice(possible, size=k, replace=False).tolist()) if k else []:
+        choices = wrong(examples[i])
+        examples[i]["completion"] = choices[int(rng.integers(len(choices)))]
+        drawn[i] = (dumps(examples[i]) + "\n").encode()
+    return k
+
+
 def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix")) -> dict:
     rng = np.random.default_rng(cfg.seed)
     spec_path, gen_path = prepared / "specialist" / "train.jsonl", prepared / "generalist.jsonl"
     n_g = generalist_count(cfg.specialist_size, cfg.generalist_share)
     specialist = _sample(_lines(spec_path), cfg.specialist_size, rng, "mix.specialist_size", spec_path)
     generalist = _sample(_lines(gen_path), n_g, rng, f"mix.generalist_share={cfg.generalist_share}", gen_path) if n_g else []
+    corrupted = _corrupt(generalist, _lines(gen_path), cfg.corrupt_generalist, rng, gen_path) \
+        if cfg.corrupt_generalist and generalist else 0
     mixed = specialist + generalist
     mixed = [mixed[i] for i in rng.permutation(len(mixed))]
 
@@ -60,6 +89,8 @@ def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix
         "specialist_size": cfg.specialist_size,
         "generalist_share": cfg.generalist_share,
         "generalist_size": n_g,
+        "corrupt_generalist": cfg.corrupt_generalist,
+        "corrupted": corrupted,
         "total": len(mixed),
         "seed": cfg.seed,
         "specialist_tasks": sorted(specialist_tasks),

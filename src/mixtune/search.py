@@ -163,7 +163,7 @@ def paired_gain(trial, base, resamples: int, seed: int) -> tuple[float, float, f
 # --- the answer ---------------------------------------------------------------------------------------------
 
 
-def summarize(study, task: str, metric: str, resamples: int, seed: int) -> dict:
+def summarize(study, task: str, metric: str, resamples: int, seed: int, max_share: float) -> dict:
     """Best share, its dev score, and its paired gain over the pure specialist (same dev examples)."""
     from optuna.trial import TrialState
 
@@ -204,7 +204,19 @@ def summarize(study, task: str, metric: str, resamples: int, seed: int) -> dict:
             g = paired_gain(runner_up, base, resamples, seed)
             out["answer"] += (f"; the best mix (r={runner_up.params['generalist_share']:.2f}) scores "
                               f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}] against it.")
+    fit = share_fit(done, max_share, resamples, seed)
+    if fit:
+        out["fit"] = fit
+        out["answer"] += (f" The mixing law fitted to the {len(done)} trials (quadratic in the share) puts the best "
+                          f"share at r={fit['share']:.2f} [{fit['share_low']:.2f}, {fit['share_high']:.2f}].")
     return out
+
+
+def share_fit(done: list, max_share: float, resamples: int, seed: int) -> dict | None:
+    """The study's mixing-law fit (metrics.fit_share, as in the study's report) over the completed trials."""
+    shares = [t.params["generalist_share"] for t in done]
+    scores = np.array([[[float(c) for c in t.user_attrs["dev_correct"]]] for t in done])
+    return M.fit_share(shares, scores, max_share, resamples, seed)
 
 
 def trial_rows(study) -> list[dict]:
@@ -266,7 +278,8 @@ def _log_summary(study, summary: dict) -> None:
 
 def run(cfg: SearchConfig, mix_cfg: MixConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
         eval_cfg: EvaluateConfig, worker: bool = False, prepared: Path = Path("prepared"),
-        out: Path = Path("search")) -> dict:
+        out: Path = Path("search"), baselines: tuple[float, ...] = BASELINES) -> dict:
+    """`baselines`: the shares run first, unpruned (bench/bench_search.py passes a whole grid)."""
     dev_path = prepared / "specialist" / "dev.jsonl"
     if not dev_path.is_file():
         raise MixtuneError(f"{dev_path}: no such file (run the prepare stage first)")
@@ -277,7 +290,7 @@ def run(cfg: SearchConfig, mix_cfg: MixConfig, train_cfg: TrainConfig, model_cfg
     base = resolve_base(model_cfg.base)
     eval_cfg = eval_cfg.model_copy(update={"split": "dev", "seed": cfg.seed})
     summaries, rows, started = [], [], {}
-    baselines = [s for s in BASELINES if s <= cfg.max_share]
+    baselines = [s for s in baselines if s <= cfg.max_share]
     for size in cfg.sizes or [mix_cfg.specialist_size]:
         definition = study_definition(cfg, mix_cfg, train_cfg, model_cfg, size, prepared)
         key = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:10]
@@ -293,7 +306,8 @@ def run(cfg: SearchConfig, mix_cfg: MixConfig, train_cfg: TrainConfig, model_cfg
             continue
         with stage_run("search", tasks, {}, tags, run_id=parent.run_id):
             _optimize(study, objective, cfg, claim)
-            summary = summarize(study, "+".join(tasks), objective.metric, eval_cfg.bootstrap, cfg.seed)
+            summary = summarize(study, "+".join(tasks), objective.metric, eval_cfg.bootstrap, cfg.seed,
+                                cfg.max_share)
             _log_summary(study, summary)
         summaries.append(summary)
         rows += trial_rows(study)

@@ -92,6 +92,8 @@ def _hf_records(src: HFSource, root: Path) -> Iterator[tuple[str, object]]:
                                    data_files=data_files, revision=src.revision)
     except Exception as e:  # hub, network and builder errors all land here
         raise MixtuneError(f"hf:{src.dataset}: source '{src.name}': cannot load: {str(e).splitlines()[0]}") from None
+    if src.where:  # e.g. one Super-NaturalInstructions task out of the dataset of all of them
+        ds = ds.filter(lambda row: all(str(row.get(k)) == v for k, v in src.where.items()))
     for i, row in enumerate(ds, 1):
         yield f"hf:{src.dataset}[{src.split}] record {i}", row
 

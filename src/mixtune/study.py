@@ -1,0 +1,220 @@
+"""study: the paper's experiments ("Specialist or Generalist?", EMNLP 2023) on the offline testbed.
+
+Three DVC stages in study/dvc.yaml, over the axes of study/params.yaml:
+    study-prepare@<target>         the target's splits, and the generalist pool without the target, its near
+                                   relatives (by name) and, to vary coverage, tasks with given keywords
+    study-run@<target>-<size>      every cell of that target and size: seeds x shares (x corruption rates):
+                                   mix -> train -> score on the dev and test subsets; plus the base model
+    study-report                   reports/study.md with plots and tables (mixtune.study_report)
+
+A cell's result is kept in .cache/study/cells/<key>.json as soon as it is measured (the key hashes everything
+that determines it), so an interrupted stage resumes at the first missing cell and nothing measured is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mixtune import metrics as M
+from mixtune.config import MixConfig, StudyConfig
+from mixtune.errors import MixtuneError
+from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json
+from mixtune.tracking import repo_root, stage_run
+
+# Keywords that say how a BIG-bench task is posed, not which skill it needs: they do not count for coverage.
+FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "json", "example task",
+                   "numerical response", "free response", "non-english", "multilingual", "low-resource language"}
+
+
+def prepared_dir(target: str) -> Path:
+    return Path("study") / "prepared" / target
+
+
+def results_path(target: str, size: int) -> Path:
+    return Path("study") / "results" / f"{target}-n{size}.json"
+
+
+# --- prepare ------------------------------------------------------------------------------------------------
+
+
+def skills(keywords) -> set[str]:
+    return {k.lower() for k in keywords} - FORMAT_KEYWORDS
+
+
+def coverage(target_keywords: set[str], pool: list[dict]) -> dict:
+    """How much of the pool exercises the target's skills: the share of pool examples (and the number of pool
+    tasks) with at least one of the target's skill keywords."""
+    hits = [ex for ex in pool if skills(ex["keywords"] or []) & target_keywords]
+    return {"keywords": sorted(target_keywords), "examples": len(hits), "pool": len(pool),
+            "coverage": len(hits) / len(pool) if pool else 0.0, "tasks": len({ex["task"] for ex in hits}),
+            "pool_tasks": len({ex["task"] for ex in pool})}
+
+
+def prepare_target(cfg: StudyConfig, name: str, root: Path = Path("."), out: Path | None = None) -> dict:
+    from mixtune import prepare
+
+    target = _target(cfg, name)
+    out = out or prepared_dir(name)
+    held = [*(target.source.tasks if target.source.kind == "bigbench" else []), *target.hold_out]
+    dropped = skills(target.pool_exclude_keywords)
+    # A BIG-bench pool filters per task; a file or hub source is one task: kept or dropped whole.
+    pool_sources = [s.model_copy(update={"exclude_tasks": [*s.exclude_tasks, *held],
+                                         "exclude_keywords": [*s.exclude_keywords, *target.pool_exclude_keywords]})
+                    if s.kind == "bigbench" else s for s in cfg.prepare.generalist
+                    if s.kind == "bigbench" or not (s.task_name in held or skills(s.keywords) & dropped)]
+    pcfg = cfg.prepare.model_copy(update={"specialist": [target.source], "generalist": pool_sources})
+    stats = prepare.run(pcfg, root, out)
+    train = read_jsonl(out / "specialist" / "train.jsonl")
+    keywords = skills({k for ex in train for k in ex["keywords"] or []} | set(target.source.keywords))
+    cov = coverage(keywords, read_jsonl(out / "generalist.jsonl"))
+    stats["coverage"] = {**cov, "capability": target.capability, "held_out": held,
+                         "pool_exclude_keywords": target.pool_exclude_keywords}
+    write_json(out / "stats.json", stats)
+    return stats
+
+
+def _target(cfg: StudyConfig, name: str):
+    if name not in cfg.targets:
+        raise MixtuneError(f"study: unknown target {name!r} (targets: {', '.join(cfg.targets)})")
+    return cfg.targets[name]
+
+
+# --- cells --------------------------------------------------------------------------------------------------
+
+
+def cells(cfg: StudyConfig, target: str, size: int) -> list[dict]:
+    """Every cell of one target and size, in the order they run: seed by seed, shares ascending, then the
+    corruption rates (at the largest size and the fixed share, for the corrupt_targets)."""
+    out = []
+    for seed in cfg.seeds:
+        out += [{"seed": seed, "share": share, "corrupt": 0.0} for share in sorted(cfg.shares)]
+        if target in cfg.corrupt_targets and size == max(cfg.sizes):
+            out += [{"seed": seed, "share": cfg.fixed_share, "corrupt": c} for c in cfg.corrupt_generalist]
+    return out
+
+
+class _Runner:
+    """What every cell of one target needs, loaded once: the base model's tokenizer, dev and test subsets."""
+
+    def __init__(self, cfg: StudyConfig, target: str, prepared: Path):
+        from mixtune.model import load_tokenizer, precision, resolve_base
+
+        self.cfg, self.target, self.prepared = cfg, target, prepared
+        self.base = resolve_base(cfg.model.base)
+        self.tokenizer = load_tokenizer(self.base)
+        self.prec = precision(cfg.train.precision)
+        spec = prepared / "specialist"
+        self.dev = read_jsonl(spec / "dev.jsonl")[: cfg.dev_examples]
+        self.test = read_jsonl(spec / "test.jsonl")[: cfg.test_examples]
+        if not self.dev or not self.test:
+            raise MixtuneError(f"{spec}: the study needs dev and test examples (prepare.dev_fraction, test_fraction)")
+        files = [spec / "train.jsonl", spec / "dev.jsonl", spec / "test.jsonl", prepared / "generalist.jsonl"]
+        self.definition = {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+                           "evaluate": cfg.evaluate.model_dump(include={"batch_size", "max_new_tokens"}),
+                           "dev_examples": cfg.dev_examples, "test_examples": cfg.test_examples,
+                           "data": [sha256_file(f)[:16] for f in files]}
+
+    def key(self, cell: dict) -> str:
+        blob = json.dumps({**self.definition, **cell}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def score(self, model) -> dict:
+        from mixtune.evaluate import predict
+
+        model.eval()
+        out = {}
+        for split, examples in (("dev", self.dev), ("test", self.test)):
+            preds = predict(model, self.tokenizer, examples, self.cfg.evaluate, self.prec)
+            correct = [M.exact_match(p, ex["completion"]) for p, ex in zip(preds, examples)]
+            out[split] = {"score": float(np.mean(correct)), "correct": "".join("1" if c else "0" for c in correct)}
+        return out
+
+    def run(self, cell: dict, cache: Path) -> dict:
+        """The cell's result, measured now or read back from the cache."""
+        path = cache / f"{self.key(cell)}.json"
+        if path.is_file():
+            return {**json.loads(path.read_text()), "cached": True}
+        import mlflow
+
+        t = time.perf_counter()
+        with mlflow.start_run(run_name=_cell_name(cell), nested=True,
+                              tags={"mixtune.stage": "study-cell", "mixtune.target": self.target}) as run:
+            mlflow.log_params(cell)
+            result = self._base() if cell.get("base") else self._tuned(cell)
+            result.update(cell, seconds=time.perf_counter() - t, run_id=run.info.run_id)
+            mlflow.log_metrics({f"{s}.score": result[s]["score"] for s in ("dev", "test")}
+                               | {"trained_tokens": result.get("trained_tokens", 0), "seconds": result["seconds"]})
+        with atomic_file(path) as f:
+            json.dump(result, f)
+        return {**result, "cached": False}
+
+    def _base(self) -> dict:
+        from mixtune.model import load_base
+
+        return self.score(load_base(self.base))
+
+    def _tuned(self, cell: dict) -> dict:
+        from mixtune import mix, train
+
+        train_cfg = self.cfg.train.model_copy(update={"seed": cell["seed"]})
+        with tempfile.TemporaryDirectory(prefix="mixtune-cell-") as tmp:
+            manifest = mix.run(MixConfig(specialist_size=cell["size"], generalist_share=cell["share"],
+                                         seed=cell["seed"], corrupt_generalist=cell["corrupt"]),
+                               self.prepared, Path(tmp) / "mix")
+            trainer = train.build_trainer(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
+                                          Path(tmp) / "checkpoints", self.prec, self.tokenizer)
+            trainer.args.set_save(strategy="no")  # a cell is short; an interrupted one is simply run again
+            trainer.train()
+            tokens = round(train.dataset_tokens(trainer) * (trainer.state.epoch or 0.0))
+            losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+            if losses and not np.isfinite(losses[-1]):
+                raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: the loss is {losses[-1]}")
+            return {**self.score(trainer.model), "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
+                    "generalist_size": manifest["generalist_size"], "corrupted": manifest["corrupted"],
+                    "train_loss": trainer.state.log_history[-1].get("train_loss")}
+
+
+def _cell_name(cell: dict) -> str:
+    if cell.get("base"):
+        return "base model"
+    name = f"n={cell['size']} seed={cell['seed']} share={cell['share']:g}"
+    return name + (f" corrupt={cell['corrupt']:g}" if cell["corrupt"] else "")
+
+
+def run_target(cfg: StudyConfig, target: str, size: int, prepared: Path | None = None,
+               out: Path | None = None) -> dict:
+    """All cells of one target at one size (the base model once per target), into study/results/."""
+    _target(cfg, target)
+    if size not in cfg.sizes:
+        raise MixtuneError(f"study: size {size} is not one of study.sizes {cfg.sizes}")
+    prepared = prepared or prepared_dir(target)
+    if not (prepared / "generalist.jsonl").is_file():
+        raise MixtuneError(f"{prepared}: not prepared (run `mixtune study prepare --target {target}`)")
+    out = out or results_path(target, size)
+    runner = _Runner(cfg, target, prepared)
+    cache = repo_root() / ".cache" / "study" / "cells"
+    cache.mkdir(parents=True, exist_ok=True)
+    todo = [{"base": True}] + [{**c, "size": size} for c in cells(cfg, target, size)]
+    results = []
+    tags = {"mixtune.target": target, "mixtune.study.preset": cfg.preset}
+    with stage_run(f"study {target} n={size}", ["study"], {"target": target, "size": size,
+                                                          **cfg.model_dump(include={"seeds", "shares"})},
+                   tags) as run:
+        for i, cell in enumerate(todo, 1):
+            r = runner.run(cell, cache)
+            results.append(r)
+            how = "cached" if r["cached"] else f"{r['seconds']:.0f} s"
+            print(f"study {target} {_cell_name(cell)} [{i}/{len(todo)}]: dev {r['dev']['score']:.3f} "
+                  f"test {r['test']['score']:.3f} ({how})", flush=True)
+        run_id = run.info.run_id if run else None
+    doc = {"target": target, "size": size, "run_id": run_id, "dev_examples": len(runner.dev),
+           "test_examples": len(runner.test), "cells": [{k: v for k, v in r.items() if k != "cached"}
+                                                        for r in results]}
+    write_json(out, doc)
+    return doc

@@ -1,0 +1,331 @@
+"""The study: the corruption knob, the mixing-law fit, the study machinery on a tiny model and a tiny grid, and
+the report, whose every number must come from the study's own results."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mixtune import metrics as M
+from mixtune import mix
+from mixtune.config import MixConfig, load_section
+from mixtune.files import read_jsonl, write_json, write_jsonl
+from mixtune.schema import make_example
+
+from conftest import sentence
+from workspace import use_store
+
+# --- the corruption knob ------------------------------------------------------------------------------------
+
+
+def _pool(root: Path) -> Path:
+    """prepared/: 40 specialist examples; a pool of 30 multiple-choice (3 tasks) and 30 generative examples
+    (3 tasks, 10 distinct answers each)."""
+    rng = random.Random(5)
+    spec = [make_example(id=f"s/{i}", source="s", task="t", keywords=[], capability=None,
+                         prompt=[{"role": "user", "content": sentence(rng, 6)}], completion="a", options=["a", "b"])
+            for i in range(40)]
+    gen = [make_example(id=f"mc/{i}", source="g", task=f"mc{i % 3}", keywords=[], capability=None,
+                        prompt=[{"role": "user", "content": sentence(rng, 6)}], completion="yes",
+                        options=["yes", "no", "maybe"]) for i in range(30)]
+    gen += [make_example(id=f"free/{i}", source="g", task=f"free{i % 3}", keywords=[], capability=None,
+                         prompt=[{"role": "user", "content": sentence(rng, 6)}], completion=sentence(rng, 2),
+                         options=None) for i in range(30)]
+    write_jsonl(root / "prepared" / "specialist" / "train.jsonl", spec)
+    write_jsonl(root / "prepared" / "generalist.jsonl", gen)
+    return root / "prepared"
+
+
+@pytest.mark.parametrize("rate, expected", [(0.0, 0), (0.25, 10), (0.5, 20), (1.0, 40)])
+def test_corruption_changes_exactly_the_requested_fraction(tmp_path, rate, expected):
+    prepared = _pool(tmp_path)
+    pool = {ex["id"]: ex for ex in read_jsonl(prepared / "generalist.jsonl")}
+    # 40 specialist at share 0.5: 40 generalist examples drawn, round(rate * 40) of them corrupted.
+    m = mix.run(MixConfig(specialist_size=40, generalist_share=0.5, seed=3, corrupt_generalist=rate), prepared,
+                tmp_path / "mix")
+    drawn = [ex for ex in read_jsonl(tmp_path / "mix" / "train.jsonl") if ex["source"] == "g"]
+    changed = [ex for ex in drawn if ex["completion"] != pool[ex["id"]]["completion"]]
+    assert (m["generalist_size"], m["corrupted"], len(changed)) == (40, expected, expected)
+    answers = {t: {ex["completion"] for ex in pool.values() if ex["task"] == t} for t in {e["task"] for e in drawn}}
+    for ex in changed:  # a wrong answer of the same task: another option, else another answer of the task
+        assert ex["completion"] in (ex["options"] or answers[ex["task"]])
+        assert {k: v for k, v in ex.items() if k != "completion"} == \
+               {k: v for k, v in pool[ex["id"]].items() if k != "completion"}
+    spec = [ex for ex in read_jsonl(tmp_path / "mix" / "train.jsonl") if ex["source"] == "s"]
+    assert len(spec) == 40 and all(ex["completion"] == "a" for ex in spec)
+
+
+def test_corruption_is_seeded_and_zero_is_byte_identical(tmp_path):
+    prepared = _pool(tmp_path)
+
+    def run(rate, seed, name):
+        mix.run(MixConfig(specialist_size=20, generalist_share=0.5, seed=seed, corrupt_generalist=rate),
+                prepared, tmp_path / name)
+        return (tmp_path / name / "train.jsonl").read_bytes()
+
+    assert run(0.5, 1, "a") == run(0.5, 1, "b") != run(0.5, 2, "c")
+    clean = mix.run(MixConfig(specialist_size=20, generalist_share=0.5, seed=1), prepared, tmp_path / "d")
+    assert clean["corrupted"] == 0 and run(0.0, 1, "e") == (tmp_path / "d" / "train.jsonl").read_bytes()
+
+
+def test_corruption_without_another_answer_is_a_clear_error(tmp_path, cli):
+    rng = random.Random(1)
+    one_answer = [make_example(id=f"g/{i}", source="g", task="same", keywords=[], capability=None,
+                               prompt=[{"role": "user", "content": sentence(rng, 5)}], completion="42", options=None)
+                  for i in range(10)]
+    _pool(tmp_path)
+    write_jsonl(tmp_path / "prepared" / "generalist.jsonl", one_answer)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"mix": {"specialist_size": 10, "generalist_share": 0.5, "corrupt_generalist": 1.0}}))
+    rc, _, err = cli("--params", tmp_path / "params.yaml", "mix", "--prepared", tmp_path / "prepared",
+                     "--out", tmp_path / "mix")
+    assert rc == 1 and not (tmp_path / "mix").exists()
+    assert err.strip().splitlines() == [f"mixtune mix: error: {tmp_path / 'prepared' / 'generalist.jsonl'}: "
+                                        "mix.corrupt_generalist=1.0: needs 10 examples with another answer in "
+                                        "their task, the draw has 0"]
+
+
+# --- the mixing law -----------------------------------------------------------------------------------------
+
+
+def _synthetic(curve, shares, seeds=3, n=600, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([(rng.random((seeds, n)) < curve(r)).astype(float) for r in shares])
+
+
+def test_fit_recovers_a_known_interior_optimum():
+    shares = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    fit = M.fit_share(shares, _synthetic(lambda r: 0.5 + 0.6 * r - 1.0 * r * r, shares), 0.5, 300, 0)
+    assert abs(fit["share"] - 0.3) < 0.03  # the true optimum: 0.6 / (2 * 1.0)
+    assert fit["share_low"] <= 0.3 <= fit["share_high"]
+    assert fit["value_low"] <= 0.59 <= fit["value_high"]  # the true best score 0.5 + 0.09
+
+
+def test_fit_puts_a_monotone_curve_at_its_end_and_needs_three_shares():
+    rising = M.fit_share([0.0, 0.25, 0.5], _synthetic(lambda r: 0.4 + 0.4 * r, [0.0, 0.25, 0.5]), 0.5, 200, 0)
+    falling = M.fit_share([0.0, 0.25, 0.5], _synthetic(lambda r: 0.8 - 0.4 * r, [0.0, 0.25, 0.5]), 0.5, 200, 0)
+    assert rising["share"] == 0.5 and falling["share"] == 0.0
+    assert M.fit_share([0.0, 0.5], _synthetic(lambda r: 0.5, [0.0, 0.5]), 0.5, 100, 0) is None
+
+
+def test_two_way_resamples_are_paired():
+    scores = _synthetic(lambda r: 0.5, [0.0, 0.0], seed=4)
+    scores[1] = scores[0]  # two identical conditions: every resampled difference is exactly 0
+    boot = M.resample_means(scores, 50, 0)
+    assert boot.shape == (50, 2) and np.array_equal(boot[:, 0], boot[:, 1])
+
+
+# --- the study on a tiny model ------------------------------------------------------------------------------
+
+
+def _study_params(tiny_model: Path, **over) -> dict:
+    src = {"name": "a", "kind": "file", "path": "a.jsonl", "format": "classification",
+           "columns": {"text": "text", "label": "label"}, "labels": ["a", "b", "c"],
+           "instruction": "Which class? Answer with one of: a, b, c.", "keywords": ["logical reasoning"]}
+    study = {
+        "preset": "tiny", "note": "a tiny grid",
+        "model": {"base": str(tiny_model)},
+        "train": {"lora": {"r": 4, "alpha": 8}, "max_steps": 2, "batch_size": 4, "precision": "fp32",
+                  "max_length": 256, "learning_rate": 1e-3, "group_by_length": False},
+        "evaluate": {"batch_size": 8, "bootstrap": 100},
+        "prepare": {"dev_fraction": 0.2, "test_fraction": 0.2, "generalist": [
+            {"name": "related", "kind": "file", "path": "related.jsonl", "format": "alpaca",
+             "keywords": ["logical reasoning", "multiple choice"]},
+            {"name": "other", "kind": "file", "path": "other.jsonl", "format": "alpaca", "keywords": ["translation"]}]},
+        "targets": {"a": {"capability": "reasoning", "source": src},
+                    "a_uncovered": {"capability": "reasoning", "source": src,
+                                    "pool_exclude_keywords": ["logical reasoning"]}},
+        "sizes": [4, 8], "shares": [0.0, 0.25, 0.5], "fixed_share": 0.5, "seeds": [0, 1],
+        "dev_examples": 6, "test_examples": 8, "corrupt_generalist": [1.0], "corrupt_targets": ["a"], **over}
+    return {"study": study}
+
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_model, monkeypatch):
+    rng = random.Random(9)
+    write_jsonl(tmp_path / "a.jsonl", [{"text": sentence(rng, 8), "label": "abc"[i % 3]} for i in range(40)])
+    for name, n in (("related", 30), ("other", 20)):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"instruction": sentence(rng, 5), "input": "",
+                                                  "output": sentence(rng, 2)} for _ in range(n)])
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "params.yaml").write_text(yaml.safe_dump(_study_params(tiny_model)))
+    uri = use_store(monkeypatch, tmp_path)
+    return tmp_path, uri
+
+
+def test_tiny_study_end_to_end(tiny_study, cli):
+    from mlflow import MlflowClient
+
+    root, uri = tiny_study
+    rc, out, err = cli("study", "prepare")
+    assert rc == 0, err
+    # Coverage: 30 of the 50 pool examples share "logical reasoning"; without that skill, 0 of 20.
+    assert "study prepare a: splits {'train': 22, 'dev': 9, 'test': 9}, pool 50, coverage 0.600 (1 of 2" in out
+    assert "study prepare a_uncovered: splits {'train': 22, 'dev': 9, 'test': 9}, pool 20, coverage 0.000" in out
+    for target in ("a", "a_uncovered"):
+        for size in (4, 8):
+            rc, out, err = cli("study", "run", "--target", target, "--size", str(size))
+            assert rc == 0, err
+    docs = {(t, n): json.loads((root / "study" / "results" / f"{t}-n{n}.json").read_text())
+            for t in ("a", "a_uncovered") for n in (4, 8)}
+    # 1 base + 2 seeds x 3 shares; the corrupted cells (1 rate x 2 seeds) only for `a` at the largest size.
+    assert {k: len(d["cells"]) for k, d in docs.items()} == \
+           {("a", 4): 7, ("a", 8): 9, ("a_uncovered", 4): 7, ("a_uncovered", 8): 7}
+    cells = [c for c in docs[("a", 8)]["cells"] if not c.get("base")]
+    # share r of n_s=8: round(8 r / (1 - r)) generalist examples; corruption 1.0 makes all 8 wrong.
+    assert sorted((c["share"], c["corrupt"], c["generalist_size"], c["corrupted"]) for c in cells) == \
+           [(0.0, 0.0, 0, 0)] * 2 + [(0.25, 0.0, 3, 0)] * 2 + [(0.5, 0.0, 8, 0)] * 2 + [(0.5, 1.0, 8, 8)] * 2
+    assert all(len(c["test"]["correct"]) == 8 and len(c["dev"]["correct"]) == 6 for c in cells)
+    # The base model is scored once per target: the second size reads it from the cache.
+    base = [d["cells"][0] for d in docs.values()]
+    assert base[0]["run_id"] == base[1]["run_id"] and base[2]["run_id"] == base[3]["run_id"]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mixtune/study")
+    n_runs = len(client.search_runs([exp.experiment_id]))
+    rc, out, _ = cli("study", "run", "--target", "a", "--size", "8")  # again: every cell from the cache
+    assert rc == 0 and out.count("(cached)") == 9
+    assert json.loads((root / "study" / "results" / "a-n8.json").read_text())["cells"] == docs[("a", 8)]["cells"]
+
+    rc, out, err = cli("study", "report")
+    assert rc == 0, err
+    assert len(client.search_runs([exp.experiment_id])) == n_runs + 2  # the re-run's stage run and the report
+    report = (root / "reports" / "study.md").read_text()
+    assert report.count("Verdict at this scale") == 3 and "What this preset cuts: a tiny grid" in report
+    for png in ("score_vs_size", "gain_vs_coverage", "gain_by_capability", "gain_vs_corruption", "mixing_law"):
+        assert (root / "reports" / "study" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(study/{png}.png)" in report
+    scores = (root / "reports" / "study" / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 2 * 2 * 3  # targets x sizes x conditions
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`mixtune.stage` = 'study report'")
+    for t, n in docs:  # the runs of the results the report read (a-n8's is the re-run's)
+        run_id = json.loads((root / "study" / "results" / f"{t}-n{n}.json").read_text())["run_id"]
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "study.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_study_bad_input_is_one_line(tiny_study, cli, tiny_model):
+    root, _ = tiny_study
+    rc, _, err = cli("study", "run", "--target", "nope", "--size", "4")
+    assert (rc, err.strip()) == (1, "mixtune study: error: study: unknown target 'nope' (targets: a, a_uncovered)")
+    rc, _, err = cli("study", "run", "--target", "a", "--size", "4")
+    assert (rc, err.strip()) == (1, "mixtune study: error: study/prepared/a: not prepared "
+                                    "(run `mixtune study prepare --target a`)")
+    (root / "study" / "params.yaml").write_text(yaml.safe_dump(_study_params(tiny_model, fixed_share=0.3)))
+    rc, _, err = cli("study", "report")
+    assert rc == 1 and err.strip() == ("mixtune study: error: study/params.yaml: study: Value error, fixed_share "
+                                       "0.3 must be one of shares [0.0, 0.25, 0.5]")
+
+
+# --- the report from a fixture study ------------------------------------------------------------------------
+
+
+def _fixture_study(root: Path, tiny_model: Path) -> object:
+    """Results written by hand: every test score is known, so the report's numbers can be checked."""
+    params = _study_params(tiny_model)
+    params["study"]["targets"]["b"] = {"capability": "understanding", "source": params["study"]["targets"]["a"]
+                                       ["source"] | {"name": "b", "keywords": ["reading comprehension"]}}
+    (root / "study").mkdir(parents=True, exist_ok=True)
+    (root / "study" / "params.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_section("study", root / "study" / "params.yaml")
+    coverage = {"a": 0.6, "a_uncovered": 0.0, "b": 0.25}
+    # Test score p(target, size, share): scarce data gains more; `a` gains more than `a_uncovered`.
+    gain = {"a": 0.5, "a_uncovered": 0.125, "b": 0.25}
+    for name in cfg.targets:
+        write_json(root / "study" / "prepared" / name / "stats.json",
+                   {"splits": {"train": 24, "dev": 8, "test": 8}, "generalist_pool": 50,
+                    "coverage": {"coverage": coverage[name], "tasks": 1, "pool_tasks": 2, "keywords": []}})
+        for size in cfg.sizes:
+            def row(p):  # 40 test examples, the first round(40 p) right
+                k = round(40 * p)
+                return {"score": k / 40, "correct": "1" * k + "0" * (40 - k)}
+
+            cells = [{"base": True, "dev": row(0.25), "test": row(0.25), "run_id": f"{name}-base", "seconds": 6.0}]
+            for seed in cfg.seeds:
+                for share in cfg.shares:
+                    p = 0.25 + gain[name] * (share / 0.5) * (2 if size == 4 else 1) / 2
+                    cells.append({"seed": seed, "share": share, "corrupt": 0.0, "size": size, "dev": row(p),
+                                  "test": row(p), "run_id": f"{name}-{size}-{seed}-{share}", "seconds": 6.0})
+                if name == "a" and size == 8:
+                    cells.append({"seed": seed, "share": 0.5, "corrupt": 1.0, "size": size, "dev": row(0.125),
+                                  "test": row(0.125), "run_id": f"c-{seed}", "seconds": 6.0})
+            write_json(root / "study" / "results" / f"{name}-n{size}.json",
+                       {"target": name, "size": size, "run_id": None, "cells": cells})
+    return cfg
+
+
+def _numbers(value, out: set) -> set:
+    if isinstance(value, dict):
+        for v in value.values():
+            _numbers(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _numbers(v, out)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        for fmt in ("{:.3f}", "{:+.3f}", "{:.2f}", "{:g}", "{}"):
+            out.add(fmt.format(value))
+        out.add(f"{value / 60:.1f}")  # minutes
+    return out
+
+
+def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypatch):
+    from mixtune import study_report
+
+    cfg = _fixture_study(tmp_path, tiny_model)
+    monkeypatch.chdir(tmp_path)
+    agg = study_report.aggregate(cfg)
+    text = study_report.render(agg, {"score_vs_size": "study/score_vs_size.png"})
+    known = _numbers(agg, set())
+    body = re.sub(r"\(study/[a-z_]+\.png\)|`[^`]*`", "", text)  # image paths and the model path
+    found = re.findall(r"[+-]?\d+(?:\.\d+)?", body)
+    assert found and [n for n in found if n not in known and n.lstrip("+") not in known
+                      and n not in {"1", "2", "3", "95"}] == []  # the claims' numbering, 95% intervals
+    rows = {(r["target"], r["size"]): r for r in agg["rows"]}
+    # a at 4 examples goes from 10/40 right (share 0) to 30/40 (share 0.5); b's searched share is the dev
+    # fit's best, 0.5 (its scores rise linearly with the share).
+    a4 = rows[("a", 4)]
+    assert (a4["base"]["value"], a4["specialist"]["value"], a4["fixed"]["value"]) == (0.25, 0.25, 0.75)
+    assert a4["gain_fixed"]["value"] == 0.5 and 0.3 < a4["gain_fixed"]["low"] < 0.5 < a4["gain_fixed"]["high"]
+    assert rows[("b", 8)]["searched_share"] == 0.5
+    assert f"| a | 4 | 0.250 | {study_report._iv(a4['specialist'])} | {study_report._iv(a4['fixed'])} |" in text
+    claims = agg["claims"]
+    # a gains (0.5 + 0.25) / 2 = 0.375 on average, a_uncovered (0.125 + 0.05) / 2 = 0.0875 (15 and 12 of 40
+    # right at share 0.5); every target gains more with 4 examples than with 8.
+    cov, scarce = claims["coverage"]["parts"]
+    assert (round(cov["value"], 6), cov["status"], scarce["status"]) == (0.2875, "supported", "supported")
+    assert [p["name"] for p in claims["capability"]["parts"]] == ["understanding: b", "reasoning: a"]
+    assert claims["coverage"]["verdict"] == claims["capability"]["verdict"] == "confirmed"
+    # Corruption 1.0 (a, 8 examples) scores 5/40, against the clean mix's 20/40 and the specialist's 10/40.
+    drop, hurt = claims["knowledge"]["parts"]
+    assert (drop["value"], hurt["value"]) == (0.375, 0.125)
+    assert claims["knowledge"]["verdict"] == "confirmed"
+
+
+def test_presets_validate():
+    from conftest import REPO
+
+    cpu, paper = (load_section("study", REPO / "study" / f) for f in ("params.yaml", "paper.yaml"))
+    assert (cpu.preset, paper.preset) == ("cpu", "paper")
+    # Each capability has a target, and one target is also run with its coverage removed (cpu).
+    assert {t.capability for t in cpu.targets.values()} == {"understanding", "reasoning", "knowledge", None}
+    assert [n for n, t in cpu.targets.items() if t.pool_exclude_keywords] == ["fallacy_uncovered"]
+    assert len(cpu.seeds) >= 3 and len(paper.seeds) >= 3 and paper.sizes == [64, 256, 1024]
+
+
+def test_verdicts():
+    from mixtune.study_report import _verdict
+
+    def part(status, value):
+        return {"status": status, "value": value}
+
+    assert _verdict([part("supported", 0.1), part("supported", 0.2)]) == "confirmed"
+    assert _verdict([part("supported", 0.1), part("inconclusive", -0.01)]) == "mixed"
+    assert _verdict([part("inconclusive", 0.05)]) == "mixed"
+    assert _verdict([part("contradicted", -0.1), part("inconclusive", -0.01)]) == "not confirmed"
+    assert _verdict([]) == "not tested"
