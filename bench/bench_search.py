@@ -7,7 +7,8 @@
 Target (issue 4): the search's best dev metric within 1 point (0.01) of the grid's best, for at most a third
 of the grid's training compute, counted in trained tokens (non-padding tokens of every step each trial took).
 Each arm runs in its own workspace under .cache/bench/search/ (its own study and MLflow store), on a copy of
-prepared/ from `make run`.
+prepared/ from `make run`; an interrupted benchmark continues both studies where they stopped (delete that folder
+to start over).
 
     python bench/bench_search.py
 """
@@ -37,9 +38,8 @@ def arm(name: str, grid: bool) -> dict:
     shares = tuple(round(cfg.max_share * i / (POINTS - 1), 4) for i in range(POINTS)) if grid else search.BASELINES
     if grid:  # every point to the end: no pruner, and no intermediate dev evaluations to pay for
         cfg = cfg.model_copy(update={"n_trials": POINTS, "pruner": "none", "eval_every": 10**9})
-    ws = REPO / ".cache" / "bench" / "search" / name
-    shutil.rmtree(ws, ignore_errors=True)
-    shutil.copytree(REPO / "prepared", ws / "prepared")
+    ws = REPO / ".cache" / "bench" / "search" / name  # kept: a re-run continues each arm's study
+    shutil.copytree(REPO / "prepared", ws / "prepared", dirs_exist_ok=True)
     os.chdir(ws)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ws / 'mlruns.db'}"
     t = time.perf_counter()
