@@ -74,21 +74,29 @@ def test_corruption_is_seeded_and_zero_is_byte_identical(tmp_path):
     assert clean["corrupted"] == 0 and run(0.0, 1, "e") == (tmp_path / "d" / "train.jsonl").read_bytes()
 
 
-def test_corruption_without_another_answer_is_a_clear_error(tmp_path, cli):
+def test_corruption_counts_only_examples_that_have_another_answer(tmp_path, cli):
     rng = random.Random(1)
-    one_answer = [make_example(id=f"g/{i}", source="g", task="same", keywords=[], capability=None,
-                               prompt=[{"role": "user", "content": sentence(rng, 5)}], completion="42", options=None)
-                  for i in range(10)]
+
+    def example(i, task, answer):
+        return make_example(id=f"g/{i}", source="g", task=task, keywords=[], capability=None,
+                            prompt=[{"role": "user", "content": sentence(rng, 5)}], completion=answer, options=None)
+
+    # Task "same" answers 42 every time: nothing wrong to give it. Task "var" has 10 different answers.
     _pool(tmp_path)
-    write_jsonl(tmp_path / "prepared" / "generalist.jsonl", one_answer)
+    write_jsonl(tmp_path / "prepared" / "generalist.jsonl",
+                [example(i, "same", "42") for i in range(10)] + [example(10 + i, "var", str(i)) for i in range(10)])
+    m = mix.run(MixConfig(specialist_size=20, generalist_share=0.5, corrupt_generalist=0.5), tmp_path / "prepared",
+                tmp_path / "mix")
+    assert (m["generalist_size"], m["corrupted"]) == (20, 5)  # half of the 10 that can be corrupted
+    write_jsonl(tmp_path / "prepared" / "generalist.jsonl", [example(i, "same", "42") for i in range(10)])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"mix": {"specialist_size": 10, "generalist_share": 0.5, "corrupt_generalist": 1.0}}))
     rc, _, err = cli("--params", tmp_path / "params.yaml", "mix", "--prepared", tmp_path / "prepared",
-                     "--out", tmp_path / "mix")
-    assert rc == 1 and not (tmp_path / "mix").exists()
+                     "--out", tmp_path / "mix2")
+    assert rc == 1 and not (tmp_path / "mix2").exists()
     assert err.strip().splitlines() == [f"mixtune mix: error: {tmp_path / 'prepared' / 'generalist.jsonl'}: "
-                                        "mix.corrupt_generalist=1.0: needs 10 examples with another answer in "
-                                        "their task, the draw has 0"]
+                                        "mix.corrupt_generalist=1.0: none of the 10 drawn generalist examples has "
+                                        "another answer in its task to put in its place"]
 
 
 # --- the mixing law -----------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ generalist_share r is the fraction of the FINAL training set drawn from the gene
 Both sources are sampled without replacement with one seeded generator; asking for more than a source holds
 is an error, never silent oversampling. Lines are copied as bytes, so mixing a million examples is I/O bound.
 
-corrupt_generalist c replaces the answer of exactly round(c * n_g) of the drawn generalist examples with a wrong
-one: another of its options (multiple choice), else another answer of the same task in the pool. The study uses
-it to put hallucinated generalist data under control (the paper's claim 3).
+corrupt_generalist c replaces the answer of exactly round(c * m) of the m drawn generalist examples that have a
+wrong answer to take: another of its options (multiple choice), else another answer of the same task in the pool
+(m is n_g but for the rare task whose every answer is the same). The study uses it to put hallucinated
+generalist data under control (the paper's claim 3).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _sample(lines: list[bytes], k: int, rng: np.random.Generator, what: str, pat
 
 
 def _corrupt(drawn: list[bytes], pool: list[bytes], rate: float, rng: np.random.Generator, path: Path) -> int:
-    """Give round(rate * len(drawn)) of the drawn examples a wrong answer, in place; -> how many."""
+    """Give round(rate * m) of the m drawn examples that can have one a wrong answer, in place; -> how many."""
     answers: dict[str, set[str]] = {}
     for line in pool:
         ex = json.loads(line)
@@ -53,11 +54,11 @@ def _corrupt(drawn: list[bytes], pool: list[bytes], rate: float, rng: np.random.
     def wrong(ex: dict) -> list[str]:
         return sorted(set(ex["options"] or answers[ex["task"]]) - {ex["completion"]})
 
-    k = round(rate * len(examples))
     possible = [i for i, ex in enumerate(examples) if wrong(ex)]
-    if k > len(possible):
-        raise MixtuneError(f"{path}: mix.corrupt_generalist={rate}: needs {k} examples with another answer in "
-                           f"their task, the draw has {len(possible)}")
+    if not possible:
+        raise MixtuneError(f"{path}: mix.corrupt_generalist={rate}: none of the {len(examples)} drawn generalist "
+                           "examples has another answer in its task to put in its place")
+    k = round(rate * len(possible))
     for i in sorted(rng.choice(possible, size=k, replace=False).tolist()) if k else []:
         choices = wrong(examples[i])
         examples[i]["completion"] = choices[int(rng.integers(len(choices)))]
