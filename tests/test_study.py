@@ -313,6 +313,9 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     drop, hurt = claims["knowledge"]["parts"]
     assert (drop["value"], hurt["value"]) == (0.375, 0.125)
     assert claims["knowledge"]["verdict"] == "confirmed"
+    # a_uncovered's specialist scores equal the base model's 10/40 and its best mix (15/40) stays within noise
+    # of it: the report calls it a floor effect.
+    assert agg["floor"] == ["a_uncovered"] and "learned nothing measurable on a_uncovered" in text
 
 
 def test_presets_validate():
@@ -334,6 +337,6 @@ def test_verdicts():
 
     assert _verdict([part("supported", 0.1), part("supported", 0.2)]) == "confirmed"
     assert _verdict([part("supported", 0.1), part("inconclusive", -0.01)]) == "mixed"
-    assert _verdict([part("inconclusive", 0.05)]) == "mixed"
+    assert _verdict([part("inconclusive", 0.05)]) == "not confirmed"  # a point estimate alone is no evidence
     assert _verdict([part("contradicted", -0.1), part("inconclusive", -0.01)]) == "not confirmed"
     assert _verdict([]) == "not tested"

@@ -100,14 +100,14 @@ def _part(name: str, claim: str, values: np.ndarray, point: float) -> dict:
 
 
 def _verdict(parts: list[dict]) -> str:
+    """confirmed: every part's interval lies above 0; not confirmed: none does (a positive point estimate
+    inside an interval that holds 0 is no evidence); mixed: some do."""
     statuses = [p["status"] for p in parts]
     if not parts:
         return "not tested"
     if all(s == "supported" for s in statuses):
         return "confirmed"
-    if "supported" not in statuses and not any(p["value"] > 0 for p in parts):
-        return "not confirmed"
-    return "mixed"
+    return "mixed" if "supported" in statuses else "not confirmed"
 
 
 def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
@@ -175,11 +175,15 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
         c = row["corruption"]
         parts.append(_part(f"corruption lowers {name}", f"the score falls from corruption 0 to {c[-1]['rate']:g}",
                            samples[key]["corrupt_drop"], c[0]["value"] - c[-1]["value"]))
-        parts.append(_part(f"corrupted data hurts {name}", f"with {c[-1]['rate']:g} of the generalist answers "
-                           f"wrong, it scores below the specialist alone", samples[key]["corrupt_hurt"],
+        parts.append(_part(f"corrupted data hurts {name}", f"with a share {c[-1]['rate']:g} of the generalist "
+                           f"answers wrong, it scores below the specialist alone", samples[key]["corrupt_hurt"],
                            -c[-1]["gain"]["value"]))
     claims["knowledge"] = {"parts": parts, "verdict": _verdict(parts)}
-    return {"preset": cfg.preset, "note": cfg.note, "model": cfg.model.base, "sizes": cfg.sizes,
+    # A target whose every tuned score holds the base model's score in its interval learned nothing measurable:
+    # its gains cannot speak for or against a claim.
+    floor = [n for n in cfg.targets if all(r[c]["low"] <= r["base"]["value"] <= r[c]["high"]
+                                           for r in rows if r["target"] == n for c in CONDITIONS)]
+    return {"preset": cfg.preset, "note": cfg.note, "floor": floor, "model": cfg.model.base, "sizes": cfg.sizes,
             "shares": cfg.shares, "fixed_share": cfg.fixed_share, "seeds": cfg.seeds,
             "corrupt_rates": cfg.corrupt_generalist, "targets": targets, "rows": rows, "claims": claims,
             "cell_seconds": _cell_seconds(cfg, root)}
@@ -349,6 +353,10 @@ def render(agg: dict, images: dict[str, str]) -> str:
         for p in c["parts"]:
             out.append(f"   - {p['name']}: {p['claim']}: {p['value']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
                        f"({p['status']})")
+    if agg["floor"]:
+        out += ["", f"At this scale the model learned nothing measurable on {', '.join(agg['floor'])}: every tuned "
+                "score's interval holds the base model's score. Parts that rest on these targets are floor effects, "
+                "not evidence for or against a claim."]
     out += ["", "## Targets", "", "| target | capability | train / dev / test | pool | coverage | pool tasks "
             "covered |", "|---|---|---|---|---|---|"]
     for name, t in agg["targets"].items():
