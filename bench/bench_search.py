@@ -15,6 +15,7 @@ to start over).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -45,8 +46,6 @@ def arm(name: str, grid: bool) -> dict:
     t = time.perf_counter()
     best = search.run(cfg, mix_cfg, train_cfg, model_cfg, eval_cfg, baselines=shares)
     seconds = time.perf_counter() - t
-    import csv
-
     with open(ws / "search" / "trials.csv") as f:
         trials = [{k: (float(v) if v and k != "state" else v) for k, v in row.items()} for row in csv.DictReader(f)]
     return {"best_share": best["generalist_share"], "best_dev_metric": best["dev_metric"],

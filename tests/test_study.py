@@ -231,6 +231,22 @@ def test_study_bad_input_is_one_line(tiny_study, cli, tiny_model):
                                        "0.3 must be one of shares [0.0, 0.25, 0.5]")
 
 
+def test_a_diverging_cell_is_one_line_and_leaves_no_result(tiny_study, cli, tiny_model):
+    root, _ = tiny_study
+    params = _study_params(tiny_model)
+    # A real divergence, not a mock: 4 steps at lr 1e30, logged only at the end (logging_steps 5), so the check
+    # must read the final train_loss.
+    params["study"]["train"].update(learning_rate=1e30, max_steps=4, warmup_ratio=0.0)
+    (root / "study" / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli("study", "prepare", "--target", "a")[0] == 0
+    rc, out, err = cli("study", "run", "--target", "a", "--size", "4")
+    assert rc == 1 and "study a base model [1/7]" in out
+    assert err.strip().splitlines()[-1] == ("mixtune study: error: study: a n=4 seed=0 share=0: training loss is nan "
+                                            "at step 4; lower train.learning_rate or check the data")
+    assert not (root / "study" / "results").exists()
+    assert len(list((root / ".cache" / "study" / "cells").glob("*.json"))) == 1  # only the base model's cell
+
+
 # --- the report from a fixture study ------------------------------------------------------------------------
 
 

@@ -190,7 +190,7 @@ class StudyTarget(_Section):
 
 
 class StudyConfig(_Section):
-    """study/params.yaml: the paper's experiment grid (see study/README and the report)."""
+    """study/params.yaml: the paper's experiment grid (mixtune.study; README, "Should I add generalist data")."""
 
     preset: str = "cpu"
     note: str = ""  # what the preset cuts to fit its budget; the report quotes it

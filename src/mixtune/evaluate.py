@@ -134,6 +134,15 @@ def predict(model, tokenizer, examples: list[dict], cfg: EvaluateConfig, prec: s
     return preds
 
 
+def correct(model, tokenizer, examples: list[dict], cfg: EvaluateConfig, prec: str) -> list[float]:
+    """Each example's exact match (the chosen label, for classification and multiple choice), in eval mode."""
+    training = model.training
+    model.eval()
+    preds = predict(model, tokenizer, examples, cfg, prec)
+    model.train(training)
+    return [M.exact_match(p, ex["completion"]) for p, ex in zip(preds, examples)]
+
+
 # --- metrics ------------------------------------------------------------------------------------------------
 
 

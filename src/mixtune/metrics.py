@@ -60,9 +60,16 @@ def bootstrap(metric: Callable[[np.ndarray], float], n: int, resamples: int, see
     """95% percentile interval of metric(indices) over resamples of the n examples (paired when the metric
     compares two systems on the same indices)."""
     rng = np.random.default_rng(seed)
-    values = [metric(rng.integers(0, n, n)) for _ in range(resamples)]
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+    return interval(np.array([metric(rng.integers(0, n, n)) for _ in range(resamples)]))
+
+
+def to_bits(correct: Sequence[float]) -> str:
+    """Per-example 0/1 scores as a string ("1101"): kept with a result so paired intervals can be recomputed."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def from_bits(bits: str) -> np.ndarray:
+    return np.array([float(c) for c in bits])
 
 
 def resample_means(scores: np.ndarray, resamples: int, seed: int) -> np.ndarray:
@@ -79,6 +86,7 @@ def resample_means(scores: np.ndarray, resamples: int, seed: int) -> np.ndarray:
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% percentile interval of bootstrap values."""
     low, high = np.percentile(values, [2.5, 97.5])
     return float(low), float(high)
 

@@ -71,8 +71,9 @@ def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix
     spec_path, gen_path = prepared / "specialist" / "train.jsonl", prepared / "generalist.jsonl"
     n_g = generalist_count(cfg.specialist_size, cfg.generalist_share)
     specialist = _sample(_lines(spec_path), cfg.specialist_size, rng, "mix.specialist_size", spec_path)
-    generalist = _sample(_lines(gen_path), n_g, rng, f"mix.generalist_share={cfg.generalist_share}", gen_path) if n_g else []
-    corrupted = _corrupt(generalist, _lines(gen_path), cfg.corrupt_generalist, rng, gen_path) \
+    pool = _lines(gen_path) if n_g else []
+    generalist = _sample(pool, n_g, rng, f"mix.generalist_share={cfg.generalist_share}", gen_path) if n_g else []
+    corrupted = _corrupt(generalist, pool, cfg.corrupt_generalist, rng, gen_path) \
         if cfg.corrupt_generalist and generalist else 0
     mixed = specialist + generalist
     mixed = [mixed[i] for i in rng.permutation(len(mixed))]

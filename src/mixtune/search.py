@@ -61,12 +61,9 @@ class _Trials:
         self.numbers: list[int] = []  # the trials this process ran
 
     def correct(self, model, examples: list[dict]) -> list[float]:
-        from mixtune.evaluate import predict
+        from mixtune.evaluate import correct
 
-        model.eval()
-        preds = predict(model, self.tokenizer, examples, self.eval_cfg, self.prec)
-        model.train()
-        return [M.exact_match(p, ex["completion"]) for p, ex in zip(preds, examples)]
+        return correct(model, self.tokenizer, examples, self.eval_cfg, self.prec)
 
     def __call__(self, trial) -> float:
         share = trial.suggest_float("generalist_share", 0.0, self.cfg.max_share)
@@ -105,7 +102,7 @@ class _Trials:
         correct = self.correct(trainer.model, self.dev)
         value, low, high = mean_interval(correct, self.eval_cfg.bootstrap, self.cfg.seed)
         _set_attrs(trial, {"dev_metric": value, "dev_low": low, "dev_high": high,
-                           "dev_correct": "".join("1" if c else "0" for c in correct)})
+                           "dev_correct": M.to_bits(correct)})
         mlflow.log_metrics({f"dev.{self.metric}": value, f"dev.{self.metric}_low": low,
                             f"dev.{self.metric}_high": high})
         train.save_adapter(trainer.model, self.tokenizer, folder / "adapter")
@@ -155,7 +152,7 @@ def mean_interval(correct: list[float], resamples: int, seed: int) -> tuple[floa
 
 def paired_gain(trial, base, resamples: int, seed: int) -> tuple[float, float, float]:
     """trial - base on the same dev examples, with the 95% paired bootstrap interval."""
-    t, b = (np.array([float(ch) for ch in x.user_attrs["dev_correct"]]) for x in (trial, base))
+    t, b = (M.from_bits(x.user_attrs["dev_correct"]) for x in (trial, base))
     low, high = M.bootstrap(lambda idx: float(t[idx].mean() - b[idx].mean()), len(t), resamples, seed)
     return float(t.mean() - b.mean()), low, high
 
@@ -215,7 +212,7 @@ def summarize(study, task: str, metric: str, resamples: int, seed: int, max_shar
 def share_fit(done: list, max_share: float, resamples: int, seed: int) -> dict | None:
     """The study's mixing-law fit (metrics.fit_share, as in the study's report) over the completed trials."""
     shares = [t.params["generalist_share"] for t in done]
-    scores = np.array([[[float(c) for c in t.user_attrs["dev_correct"]]] for t in done])
+    scores = np.array([[M.from_bits(t.user_attrs["dev_correct"])] for t in done])
     return M.fit_share(shares, scores, max_share, resamples, seed)
 
 

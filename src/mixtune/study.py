@@ -25,7 +25,7 @@ from mixtune import metrics as M
 from mixtune.config import MixConfig, StudyConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json
-from mixtune.tracking import repo_root, stage_run
+from mixtune.tracking import Timer, repo_root, stage_run
 
 # Keywords that say how a BIG-bench task is posed, not which skill it needs: they do not count for coverage.
 FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "json", "example task",
@@ -125,14 +125,12 @@ class _Runner:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def score(self, model) -> dict:
-        from mixtune.evaluate import predict
+        from mixtune.evaluate import correct
 
-        model.eval()
         out = {}
         for split, examples in (("dev", self.dev), ("test", self.test)):
-            preds = predict(model, self.tokenizer, examples, self.cfg.evaluate, self.prec)
-            correct = [M.exact_match(p, ex["completion"]) for p, ex in zip(preds, examples)]
-            out[split] = {"score": float(np.mean(correct)), "correct": "".join("1" if c else "0" for c in correct)}
+            c = correct(model, self.tokenizer, examples, self.cfg.evaluate, self.prec)
+            out[split] = {"score": float(np.mean(c)), "correct": M.to_bits(c)}
         return out
 
     def run(self, cell: dict, cache: Path) -> dict:
@@ -170,11 +168,12 @@ class _Runner:
             trainer = train.build_trainer(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
                                           Path(tmp) / "checkpoints", self.prec, self.tokenizer)
             trainer.args.set_save(strategy="no")  # a cell is short; an interrupted one is simply run again
-            trainer.train()
+            train.add_progress(trainer, train_cfg, Timer(), [])  # per-step loss into the cell's run; NaN stops it
+            try:
+                trainer.train()
+            except MixtuneError as e:
+                raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: {e}") from None
             tokens = round(train.dataset_tokens(trainer) * (trainer.state.epoch or 0.0))
-            losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-            if losses and not np.isfinite(losses[-1]):
-                raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: the loss is {losses[-1]}")
             return {**self.score(trainer.model), "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
                     "generalist_size": manifest["generalist_size"], "corrupted": manifest["corrupted"],
                     "train_loss": trainer.state.log_history[-1].get("train_loss")}

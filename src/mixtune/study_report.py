@@ -40,7 +40,7 @@ def _load(path: Path) -> dict:
 
 def _matrix(cells: list[dict], split: str) -> np.ndarray:
     """(seeds, examples) 0/1 scores of cells sorted by seed."""
-    return np.array([[float(c) for c in cell[split]["correct"]] for cell in sorted(cells, key=lambda c: c["seed"])])
+    return np.array([M.from_bits(cell[split]["correct"]) for cell in sorted(cells, key=lambda c: c["seed"])])
 
 
 def _summary(values: np.ndarray, point: float) -> dict:
@@ -113,14 +113,16 @@ def _verdict(parts: list[dict]) -> str:
 def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     """Every number of the report, from the study's own results."""
     resamples = cfg.evaluate.bootstrap
-    targets, rows, samples = {}, [], {}
+    targets, rows, samples, seconds = {}, [], {}, {}
     for name, target in cfg.targets.items():
         stats = _load(root / prepared_dir(name) / "stats.json")
         targets[name] = {"capability": target.capability, "coverage": stats["coverage"],
                          "splits": stats["splits"], "pool": stats["generalist_pool"]}
         for size in cfg.sizes:
-            row, s = _cell_summary(cfg, _load(root / results_path(name, size)), resamples)
-            row.update(capability=target.capability, coverage=stats["coverage"]["coverage"])
+            doc = _load(root / results_path(name, size))
+            row, s = _cell_summary(cfg, doc, resamples)
+            row.update(capability=target.capability, coverage=stats["coverage"]["coverage"], run_id=doc["run_id"])
+            seconds.update((c["run_id"], c["seconds"]) for c in doc["cells"])  # a cached cell counts once
             rows.append(row)
             samples[(name, size)] = s
     small, large = min(cfg.sizes), max(cfg.sizes)
@@ -186,18 +188,7 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     return {"preset": cfg.preset, "note": cfg.note, "floor": floor, "model": cfg.model.base, "sizes": cfg.sizes,
             "shares": cfg.shares, "fixed_share": cfg.fixed_share, "seeds": cfg.seeds,
             "corrupt_rates": cfg.corrupt_generalist, "targets": targets, "rows": rows, "claims": claims,
-            "cell_seconds": _cell_seconds(cfg, root)}
-
-
-def _cell_seconds(cfg: StudyConfig, root: Path) -> float:
-    seen, total = set(), 0.0
-    for name in cfg.targets:
-        for size in cfg.sizes:
-            for c in _load(root / results_path(name, size))["cells"]:
-                if c["run_id"] not in seen:
-                    seen.add(c["run_id"])
-                    total += c["seconds"]
-    return total
+            "cell_seconds": sum(seconds.values())}
 
 
 # --- tables and plots ---------------------------------------------------------------------------------------
@@ -412,11 +403,11 @@ def run(cfg: StudyConfig, out: Path = Path("reports"), root: Path = Path(".")) -
     text = render(agg, images)
     with atomic_file(out / "study.md") as f:
         f.write(text)
-    _log(cfg, agg, out, root)
+    _log(cfg, agg, out)
     return agg
 
 
-def _log(cfg: StudyConfig, agg: dict, out: Path, root: Path) -> None:
+def _log(cfg: StudyConfig, agg: dict, out: Path) -> None:
     """A parent run holding the report; the study's per-target runs are nested under it (MLflow's nesting is
     the mlflow.parentRunId tag)."""
     import mlflow
@@ -433,8 +424,5 @@ def _log(cfg: StudyConfig, agg: dict, out: Path, root: Path) -> None:
         mlflow.log_artifact(str(out / "study.md"))
         mlflow.log_artifacts(str(out / "study"), "study")
         client = mlflow.MlflowClient()
-        for name in cfg.targets:
-            for size in cfg.sizes:
-                child = _load(root / results_path(name, size)).get("run_id")
-                if child:
-                    client.set_tag(child, "mlflow.parentRunId", run.info.run_id)
+        for child in (r["run_id"] for r in agg["rows"] if r["run_id"]):
+            client.set_tag(child, "mlflow.parentRunId", run.info.run_id)

@@ -123,11 +123,13 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
+            # train_loss (the end-of-training summary) too: a run shorter than logging_steps logs no other loss.
+            for key in ("loss", "train_loss"):
+                if key in logs and not math.isfinite(logs[key]):
+                    raise MixtuneError(f"training loss is {logs[key]} at step {state.global_step}; "
+                                       "lower train.learning_rate or check the data")
             if "loss" not in logs:
                 return
-            if not math.isfinite(logs["loss"]):
-                raise MixtuneError(f"training loss is {logs['loss']} at step {state.global_step}; "
-                                   "lower train.learning_rate or check the data")
             now = time.perf_counter()
             steps = state.global_step - self.step
             tps = tokens_per_step * steps / (now - self.t) if steps else 0.0
