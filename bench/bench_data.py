@@ -37,7 +37,7 @@ RESULTS = REPO / "bench" / "results" / "data.json"
 PREPARE_TARGET_S, PREPARE_TARGET_RSS = 180.0, 2 * 1024**3
 MIX_TARGET_S = 30.0
 N_SPECIALIST, N_GENERALIST = 600_000, 1_000_000
-MIX = {"specialist_size": 500_000, "generalist_share": 0.5, "seed": 0}  # 500,000 + 500,000 = 1,000,000
+MIX = {"specialist_size": 500_000, "generalist_share": 0.5, "seed": 0, "corrupt_generalist": 0.0}  # 500,000 + 500,000 = 1,000,000
 SYNTHETIC_VERSION = "2"  # bump when the generator changes, so a stale cache is rebuilt
 
 # --- child snippets: each reports {"seconds", "maxrss"} as JSON on its last stdout line ------------------------

@@ -55,8 +55,35 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` laid over it, nested mappings key by key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def repo_params(**overrides) -> dict:
+    """The repository's params.yaml (every key has its value there, none in config.py) with `overrides`."""
+    return merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides)
+
+
+def section(name: str, **overrides):
+    """One validated section of the repository's params.yaml, with `overrides`."""
+    from mixtune.config import SECTIONS
+
+    return SECTIONS[name].model_validate(repo_params(**{name: overrides})[name])
+
+
 def write_params(path: Path, **sections) -> Path:
-    path.write_text(yaml.safe_dump(sections, sort_keys=False), encoding="utf-8")
+    """A params file with `sections`, each laid over the repository's section of that name (config.py has no
+    defaults: every key comes from a params file). A test's `prepare` has no generalist source unless it says."""
+    repo = yaml.safe_load((REPO / "params.yaml").read_text())
+    if "prepare" in sections:
+        sections["prepare"] = {"generalist": [], **sections["prepare"]}
+    full = {name: merged(repo[name], values) if name in repo and isinstance(values, dict) else values
+            for name, values in sections.items()}
+    path.write_text(yaml.safe_dump(full, sort_keys=False), encoding="utf-8")
     return path
 
 

@@ -19,7 +19,7 @@ import yaml
 from mixtune.files import write_jsonl
 from mixtune.schema import make_example
 
-from conftest import sentence
+from conftest import merged, repo_params, sentence
 
 TASK = "topic"
 LABELS = ["a", "b"]
@@ -33,18 +33,17 @@ def _examples(source: str, n: int, rng: random.Random, options: list[str] | None
 
 
 def params(tiny_model: Path, **sections) -> dict:
-    p = {
-        "mix": {"specialist_size": 16, "generalist_share": 0.0, "seed": 0},
-        "model": {"base": str(tiny_model)},
-        "train": {"lora": {"r": 4, "alpha": 8}, "max_steps": 4, "batch_size": 4, "precision": "fp32",
-                  "logging_steps": 2, "group_by_length": False, "max_length": 64},
-        "evaluate": {"batch_size": 8, "max_new_tokens": 8, "max_examples": None, "bootstrap": 100, "seed": 0},
-        "search": {"n_trials": 3, "eval_every": 2, "dev_examples": 6},
-        "register": {},
-    }
-    for name, values in sections.items():
-        p[name] = {**p.get(name, {}), **values}
-    return p
+    """The repository's params.yaml, small: the tiny model, a few steps, a few dev examples."""
+    p = repo_params(
+        mix={"specialist_size": 16, "generalist_share": 0.0, "seed": 0},
+        model={"base": str(tiny_model)},
+        train={"lora": {"r": 4, "alpha": 8}, "max_steps": 4, "batch_size": 4, "precision": "fp32",
+               "logging_steps": 2, "group_by_length": False, "max_length": 64},
+        evaluate={"batch_size": 8, "max_new_tokens": 8, "max_examples": None, "bootstrap": 100, "seed": 0},
+        search={"n_trials": 3, "max_share": 0.75, "eval_every": 2, "dev_examples": 6},
+    )
+    del p["prepare"]
+    return merged(p, sections)
 
 
 def make_project(root: Path, tiny_model: Path, generalist: int = 60, **sections) -> Path:
@@ -63,14 +62,18 @@ def write_params(root: Path, tiny_model: Path, **sections) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params(tiny_model, **sections), sort_keys=False))
 
 
-def load(root: Path, section: str):
+def load(root: Path, section: str, keys=None):
     from mixtune.config import load_section
 
-    return load_section(section, root / "params.yaml")
+    return load_section(section, root / "params.yaml", keys=keys)
 
 
 def search_sections(root: Path) -> list:
-    return [load(root, s) for s in ("search", "mix", "train", "model", "evaluate")]
+    """The sections as `mixtune search` loads them."""
+    from mixtune import search
+
+    return [load(root, "search"), load(root, "mix", search.MIX_KEYS), load(root, "train"), load(root, "model"),
+            load(root, "evaluate", search.SCORE_KEYS)]
 
 
 def study(root: Path, storage: str | None = None, size: int | None = None):

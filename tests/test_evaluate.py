@@ -13,6 +13,8 @@ import pytest
 from mixtune import evaluate, train
 from mixtune import metrics as M
 from mixtune.config import EvaluateConfig, ModelConfig
+
+from conftest import section
 from mixtune.files import read_jsonl
 
 from workspace import (TASK, classification, make_mix, multiple_choice, runs, train_config, use_store,
@@ -78,7 +80,7 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
     for g, o in zip(got, one_batch):  # the batch size changes nothing but speed
         assert o == pytest.approx(g, abs=1e-4)
     # predict takes the best-scoring option
-    preds = evaluate.predict(model, tokenizer, examples, EvaluateConfig(batch_size=2), "fp32")
+    preds = evaluate.predict(model, tokenizer, examples, section("evaluate", batch_size=2), "fp32")
     assert preds == [ex["options"][int(np.argmax(w))] for ex, w in zip(examples, want)]
 
 
@@ -98,7 +100,7 @@ def trained(tmp_path_factory, tiny_model):
 
 
 def _eval_cfg(**kw) -> EvaluateConfig:
-    return EvaluateConfig(**{"bootstrap": 200, "batch_size": 4, "generalist_sample": 10, **kw})
+    return section("evaluate", **{"bootstrap": 200, "batch_size": 4, "generalist_sample": 10, **kw})
 
 
 def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mixtune import metrics as M
-from mixtune.config import EvaluateConfig
+from conftest import section
 from mixtune.evaluate import label_from_text, summarize
 
 
@@ -143,7 +143,7 @@ def test_summarize_paired_gain_classification():
     flip = {"x": "y", "y": "x"}
     tuned = [g if i < 16 else flip[g] for i, g in enumerate(gold)]
     base = [g if i < 6 else flip[g] for i, g in enumerate(gold)]
-    cfg = EvaluateConfig(bootstrap=500, seed=0)
+    cfg = section("evaluate", bootstrap=500, seed=0)
     out = summarize(_examples(gold), tuned, base, cfg)
     assert out["n"] == 20
     assert out["tuned"]["accuracy"] == pytest.approx(0.8)
@@ -165,7 +165,7 @@ def test_summarize_paired_gain_classification():
 def test_summarize_equal_systems_have_zero_gain():
     gold = ["x", "y", "x", "x", "y"]
     pred = ["x", "x", "x", "y", "y"]
-    out = summarize(_examples(gold), pred, pred, EvaluateConfig(bootstrap=100))
+    out = summarize(_examples(gold), pred, pred, section("evaluate", bootstrap=100))
     assert out["gain"] == {"accuracy": 0.0, "accuracy_low": 0.0, "accuracy_high": 0.0,
                            "macro_f1": 0.0, "macro_f1_low": 0.0, "macro_f1_high": 0.0}
 
@@ -174,7 +174,7 @@ def test_summarize_generative():
     gold = ["the quick fox", "red apple", "blue sky", "big cat"]
     tuned = ["Quick fox!", "red apple", "blue", "dog"]  # EM 1,1,0,0; F1 1,1,2/3,0
     base = ["slow fox", "green", "sky blue", "big"]       # EM 0,0,0,0; F1 1/2,0,1,2/3
-    out = summarize(_examples(gold, options=None), tuned, base, EvaluateConfig(bootstrap=200))
+    out = summarize(_examples(gold, options=None), tuned, base, section("evaluate", bootstrap=200))
     assert set(out["tuned"]) == {f"{m}{s}" for m in ("exact_match", "token_f1", "rouge_l") for s in ("", "_low", "_high")}
     assert out["tuned"]["exact_match"] == pytest.approx(0.5)
     assert out["base"]["exact_match"] == 0.0

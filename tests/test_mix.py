@@ -21,7 +21,7 @@ def prepared(tmp_path):
 
 
 def run(prepared, out, **cfg) -> tuple[dict, list[dict]]:
-    manifest = mix.run(MixConfig(**cfg), prepared, out)
+    manifest = mix.run(MixConfig(**{"seed": 0, "corrupt_generalist": 0.0, **cfg}), prepared, out)
     lines = (out / "train.jsonl").read_bytes().splitlines()
     return manifest, [json.loads(line) for line in lines]
 

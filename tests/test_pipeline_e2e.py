@@ -66,6 +66,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     params = {
         "prepare": {
             "seed": 0, "dev_fraction": 0.1, "test_fraction": 0.1, "decontaminate_ngram": 13,
+            "generalist_max_chars": 2000,
             "specialist": [{
                 "name": "bbc_news", "kind": "file", "path": "data/specialist/bbc_news.jsonl",
                 "format": "classification", "columns": {"text": "text", "label": "label"},
@@ -75,7 +76,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
             "generalist": [{"name": "bigbench", "kind": "bigbench", "path": f"data/generalist/{archive.name}",
                             "max_per_task": 40}],
         },
-        "mix": {"specialist_size": 200, "generalist_share": 0.0, "seed": 0},
+        "mix": {"specialist_size": 200, "generalist_share": 0.0, "seed": 0, "corrupt_generalist": 0.0},
     }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -113,6 +114,18 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     manifest = json.loads((repo / "mix" / "manifest.json").read_text())
     assert manifest["total"] == 250 and manifest["by_source"] == {"bbc_news": 200, "bigbench": 50}
     assert "up to date" in sh(repo, str(BIN / "dvc"), "status")
+
+    # A comment in a module only `mix` imports: `mix` is stale, `prepare` is not; the code it shares is both's.
+    with open(repo / "src" / "mixtune" / "mix.py", "a") as f:
+        f.write("# a comment\n")
+    status = sh(repo, str(BIN / "dvc"), "status")
+    assert "mix:" in status and "prepare:" not in status and "modified:" in status
+    third = sh(repo, str(BIN / "dvc"), "repro")
+    assert "Running stage 'mix'" in third and "Running stage 'prepare'" not in third
+    with open(repo / "src" / "mixtune" / "config.py", "a") as f:
+        f.write("# a comment\n")
+    status = sh(repo, str(BIN / "dvc"), "status")
+    assert "mix:" in status and "prepare:" in status
 
 
 def test_help_is_fast_and_imports_nothing_heavy():

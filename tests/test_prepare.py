@@ -9,18 +9,16 @@ from collections import Counter
 from pathlib import Path
 
 from mixtune import prepare
-from mixtune.config import PrepareConfig
 from mixtune.files import read_jsonl
 
-from conftest import classification_records, sentence, spec_source, write_jsonl
+from conftest import classification_records, section, sentence, spec_source, write_jsonl
 
 OUTPUTS = ("specialist/train.jsonl", "specialist/dev.jsonl", "specialist/test.jsonl", "generalist.jsonl",
            "stats.json")
 
 
 def run(root: Path, out: str = "prepared", *, generalist: list | None = None, **cfg) -> dict:
-    config = PrepareConfig.model_validate(
-        {"specialist": [spec_source()], "generalist": generalist or [], **cfg})
+    config = section("prepare", **{"specialist": [spec_source()], "generalist": generalist or [], **cfg})
     return prepare.run(config, root, root / out)
 
 
@@ -60,8 +58,8 @@ def test_split_stratified_by_task_for_a_scenario(tmp_path):
     write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 10, "b": 10}, seed=1))
     write_jsonl(tmp_path / "qa.jsonl", [{"instruction": sentence(random.Random(i), 15), "output": "yes"}
                                         for i in range(30)])
-    config = PrepareConfig.model_validate({"specialist": [spec_source(), alpaca_source("qa", "qa.jsonl")],
-                                           "dev_fraction": 0.1, "test_fraction": 0.2})
+    config = section("prepare", specialist=[spec_source(), alpaca_source("qa", "qa.jsonl")], generalist=[],
+                     dev_fraction=0.1, test_fraction=0.2)
     stats = prepare.run(config, tmp_path, tmp_path / "prepared")
     by_task = {name: Counter(ex["task"] for ex in part) for name, part in splits(tmp_path / "prepared").items()}
     assert by_task == {"train": {"spec": 14, "qa": 21}, "dev": {"spec": 2, "qa": 3}, "test": {"spec": 4, "qa": 6}}

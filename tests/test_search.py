@@ -317,3 +317,61 @@ def test_search_logs_to_an_mlflow_server(project, tiny_model, mlflow_server, mon
     assert {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent.info.run_id)} >= {"trials.csv"}
     model = MlflowClient(mlflow_server).get_logged_model(best["model_uri"].removeprefix("models:/"))
     assert model.source_run_id == best["run_id"]
+
+
+# --- never a stale answer -----------------------------------------------------------------------------------
+
+
+def _studies(root: Path) -> dict[str, int]:
+    """Study name -> its finished trials, in the project's journal."""
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(root / "search" / "optuna.journal")))
+    return {s.study_name: len([t for t in optuna.load_study(study_name=s.study_name, storage=storage).trials
+                               if t.state.name == "COMPLETE"])
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def test_edited_code_starts_a_new_study_and_an_unchanged_rerun_runs_nothing(project, tiny_model):
+    """The package copied into the project is the code that runs; a comment added to its evaluate.py is new
+    code: the next search measures again under a new study name instead of replaying the old trials."""
+    src = project / "src"
+    shutil.copytree(REPO / "src" / "mixtune", src / "mixtune")
+    sp.write_params(project, tiny_model, search={"n_trials": 2})
+
+    def search_in_copy() -> str:
+        proc = sp.mixtune(project, "search", env_extra={"PYTHONPATH": str(src),
+                                                        "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
+        out = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, out
+        return json.loads((project / "search" / "best.json").read_text())["study"]
+
+    first = search_in_copy()
+    assert _studies(project) == {first: 2}
+    assert search_in_copy() == first and _studies(project) == {first: 2}  # unchanged: nothing runs again
+
+    evaluate_py = src / "mixtune" / "evaluate.py"
+    evaluate_py.write_text(evaluate_py.read_text() + "# an edit\n")
+    second = search_in_copy()
+    assert second != first and _studies(project) == {first: 2, second: 2}  # the old study stays in storage
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    tagged = {r.data.tags["mixtune.study"] for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`mixtune.stage` = 'search'")}
+    assert tagged == {first, second}
+
+
+@pytest.mark.parametrize("section, key, value", [("evaluate", "max_new_tokens", 4), ("evaluate", "batch_size", 3),
+                                                 ("train", "learning_rate", 1e-3), ("search", "eval_every", 3),
+                                                 ("mix", "seed", 1)])
+def test_every_parameter_that_changes_a_score_names_a_new_study(project, tiny_model, section, key, value):
+    def name(**sections):
+        sp.write_params(project, tiny_model, **sections)
+        cfg, mix, train, model, score = sp.search_sections(project)
+        return search.study_definition(cfg, mix, train, model, score, 16, project / "prepared")
+
+    base = name()
+    assert name(search={"n_trials": 7, "timeout": 60}) == base  # more trials continue the same study
+    assert name(**{section: {key: value}}) != base

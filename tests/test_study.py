@@ -18,7 +18,7 @@ from mixtune.config import MixConfig, load_section
 from mixtune.files import read_jsonl, write_json, write_jsonl
 from mixtune.schema import make_example
 
-from conftest import sentence
+from conftest import REPO, merged, sentence
 from workspace import use_store
 
 # --- the corruption knob ------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_corruption_is_seeded_and_zero_is_byte_identical(tmp_path):
         return (tmp_path / name / "train.jsonl").read_bytes()
 
     assert run(0.5, 1, "a") == run(0.5, 1, "b") != run(0.5, 2, "c")
-    clean = mix.run(MixConfig(specialist_size=20, generalist_share=0.5, seed=1), prepared, tmp_path / "d")
+    clean = mix.run(MixConfig(specialist_size=20, generalist_share=0.5, seed=1, corrupt_generalist=0.0), prepared, tmp_path / "d")
     assert clean["corrupted"] == 0 and run(0.0, 1, "e") == (tmp_path / "d" / "train.jsonl").read_bytes()
 
 
@@ -85,12 +85,12 @@ def test_corruption_counts_only_examples_that_have_another_answer(tmp_path, cli)
     _pool(tmp_path)
     write_jsonl(tmp_path / "prepared" / "generalist.jsonl",
                 [example(i, "same", "42") for i in range(10)] + [example(10 + i, "var", str(i)) for i in range(10)])
-    m = mix.run(MixConfig(specialist_size=20, generalist_share=0.5, corrupt_generalist=0.5), tmp_path / "prepared",
+    m = mix.run(MixConfig(specialist_size=20, generalist_share=0.5, seed=0, corrupt_generalist=0.5), tmp_path / "prepared",
                 tmp_path / "mix")
     assert (m["generalist_size"], m["corrupted"]) == (20, 5)  # half of the 10 that can be corrupted
     write_jsonl(tmp_path / "prepared" / "generalist.jsonl", [example(i, "same", "42") for i in range(10)])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"mix": {"specialist_size": 10, "generalist_share": 0.5, "corrupt_generalist": 1.0}}))
+        {"mix": {"specialist_size": 10, "generalist_share": 0.5, "seed": 0, "corrupt_generalist": 1.0}}))
     rc, _, err = cli("--params", tmp_path / "params.yaml", "mix", "--prepared", tmp_path / "prepared",
                      "--out", tmp_path / "mix2")
     assert rc == 1 and not (tmp_path / "mix2").exists()
@@ -151,7 +151,9 @@ def _study_params(tiny_model: Path, **over) -> dict:
                                     "pool_exclude_keywords": ["logical reasoning"]}},
         "sizes": [4, 8], "shares": [0.0, 0.25, 0.5], "fixed_share": 0.5, "seeds": [0, 1],
         "dev_examples": 6, "test_examples": 8, "corrupt_generalist": [1.0], "corrupt_targets": ["a"], **over}
-    return {"study": study}
+    # Over the cpu preset's values: config.py has no defaults of its own. The targets are the test's alone.
+    repo = yaml.safe_load((REPO / "study" / "params.yaml").read_text())["study"]
+    return {"study": {**merged(repo, study), "targets": study["targets"]}}
 
 
 @pytest.fixture

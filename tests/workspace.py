@@ -7,11 +7,11 @@ import random
 from pathlib import Path
 
 from mixtune import mix
-from mixtune.config import MixConfig, TrainConfig
+from mixtune.config import TrainConfig
 from mixtune.files import write_json, write_jsonl
 from mixtune.schema import make_example
 
-from conftest import sentence, write_params
+from conftest import section, sentence, write_params
 
 LABELS = ["a", "b", "c"]
 INSTRUCTION = "Which class? Answer with one of: a, b, c."
@@ -63,7 +63,7 @@ def write_prepared(root: Path, *, n_train: int = 40, n_dev: int = 8, n_test: int
 
 
 def make_mix(root: Path, specialist_size: int = 32, generalist_share: float = 0.2) -> dict:
-    return mix.run(MixConfig(specialist_size=specialist_size, generalist_share=generalist_share, seed=0),
+    return mix.run(section("mix", specialist_size=specialist_size, generalist_share=generalist_share, seed=0),
                    root / "prepared", root / "mix")
 
 
@@ -71,7 +71,7 @@ def train_config(**overrides) -> TrainConfig:
     """Small and deterministic: fp32, a few steps of batch 4, frequent logs and checkpoints."""
     cfg = {"max_steps": 8, "batch_size": 4, "precision": "fp32", "logging_steps": 2, "save_steps": 4,
            "lora": {"r": 4, "alpha": 8}, "learning_rate": 1e-3, **overrides}
-    return TrainConfig(**cfg)
+    return section("train", **cfg)
 
 
 def write_stage_params(path: Path, model: Path, train: TrainConfig | None = None, **sections) -> Path:

@@ -59,8 +59,10 @@ def _search(args) -> None:
     from mixtune import search
     from mixtune.config import load_section
 
-    sections = [load_section(s, args.params) for s in ("search", "mix", "train", "model", "evaluate")]
-    r = search.run(*sections, worker=args.worker)
+    r = search.run(load_section("search", args.params),
+                   load_section("mix", args.params, keys=search.MIX_KEYS),
+                   load_section("train", args.params), load_section("model", args.params),
+                   load_section("evaluate", args.params, keys=search.SCORE_KEYS), worker=args.worker)
     if args.worker:
         for study, trials in r["trials"].items():
             print(f"search --worker: study {study}: ran trials {trials}")
@@ -73,7 +75,7 @@ def _register(args) -> None:
     from mixtune.config import load_section
 
     r = register.run(load_section("register", args.params), load_section("model", args.params),
-                     load_section("evaluate", args.params))
+                     load_section("evaluate", args.params, keys=register.EVALUATE_KEYS))
     print(f"register: {r['name']} version {r['version']}: {r['reason']}")
 
 
@@ -91,32 +93,37 @@ def _predict(args) -> None:
     print(f"predict: {n} predictions in {args.output}")
 
 
-def _study(args) -> None:
+def _study_prepare(args) -> None:
+    from mixtune import study
     from mixtune.config import load_section
 
-    cfg = load_section("study", args.study_params)
-    if args.action == "prepare":
-        from mixtune import study
+    cfg = load_section("study", args.study_params, keys=study.PREPARE_KEYS)
+    for target in [args.target] if args.target else list(cfg.targets):
+        stats = study.prepare_target(cfg, target)
+        c = stats["coverage"]
+        print(f"study prepare {target}: splits {stats['splits']}, pool {stats['generalist_pool']}, "
+              f"coverage {c['coverage']:.3f} ({c['tasks']} of {c['pool_tasks']} pool tasks)")
 
-        for target in [args.target] if args.target else list(cfg.targets):
-            stats = study.prepare_target(cfg, target)
-            c = stats["coverage"]
-            print(f"study prepare {target}: splits {stats['splits']}, pool {stats['generalist_pool']}, "
-                  f"coverage {c['coverage']:.3f} ({c['tasks']} of {c['pool_tasks']} pool tasks)")
-    elif args.action == "run":
-        from mixtune import study
 
-        if not args.target or not args.size:
-            raise MixtuneError("study run: needs --target and --size (one stage of study/dvc.yaml's matrix)")
-        doc = study.run_target(cfg, args.target, args.size)
-        print(f"study run {args.target} n={args.size}: {len(doc['cells'])} cells in {study.results_path(args.target, args.size)}")
-    else:
-        from mixtune import study_report
+def _study_run(args) -> None:
+    from mixtune import study
+    from mixtune.config import load_section
 
-        agg = study_report.run(cfg)
-        for key, c in agg["claims"].items():
-            print(f"study report: {key}: {c['verdict']}")
-        print("study report: reports/study.md")
+    if not args.target or not args.size:
+        raise MixtuneError("study run: needs --target and --size (one stage of study/dvc.yaml's matrix)")
+    cfg = load_section("study", args.study_params, keys=study.RUN_KEYS)
+    doc = study.run_target(cfg, args.target, args.size)
+    print(f"study run {args.target} n={args.size}: {len(doc['cells'])} cells in {study.results_path(args.target, args.size)}")
+
+
+def _study_report(args) -> None:
+    from mixtune import study_report
+    from mixtune.config import load_section
+
+    agg = study_report.run(load_section("study", args.study_params))
+    for key, c in agg["claims"].items():
+        print(f"study report: {key}: {c['verdict']}")
+    print("study report: reports/study.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,11 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("study", help="the paper's experiments: study/dvc.yaml runs prepare, run and report")
-    p.add_argument("action", choices=["prepare", "run", "report"])
-    p.add_argument("--target", help="a key of study.targets (prepare: default all)")
-    p.add_argument("--size", type=int, help="a value of study.sizes (run)")
-    p.add_argument("--study-params", default="study/params.yaml", help="default: study/params.yaml")
-    p.set_defaults(func=_study)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, func, help_ in (("prepare", _study_prepare, "a target's splits and generalist pool"),
+                                ("run", _study_run, "every cell of one target and size"),
+                                ("report", _study_report, "reports/study.md from the results")):
+        a = actions.add_parser(action, help=help_)
+        a.add_argument("--target", help="a key of study.targets (prepare: default all)")
+        a.add_argument("--size", type=int, help="a value of study.sizes (run)")
+        a.add_argument("--study-params", default="study/params.yaml", help="default: study/params.yaml")
+        a.set_defaults(func=func)
     return parser
 
 

@@ -5,11 +5,12 @@ Validation errors become one line naming the file and the key: `params.yaml: mix
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from mixtune.errors import MixtuneError
 
@@ -79,15 +80,15 @@ Source = Annotated[FileSource | HFSource | BigbenchSource, Field(discriminator="
 
 
 class PrepareConfig(_Section):
-    seed: int = 0
-    dev_fraction: float = Field(default=0.1, ge=0, lt=1)
-    test_fraction: float = Field(default=0.1, gt=0, lt=1)
-    decontaminate_ngram: int = Field(default=13, gt=0)  # words; 13 as in GPT-3's contamination study
+    seed: int
+    dev_fraction: float = Field(ge=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    decontaminate_ngram: int = Field(gt=0)  # words; 13 as in GPT-3's contamination study
     # Generalist examples longer than this (prompt + answer, in characters; ~4 per token) are left out of the
     # pool: truncated to train.max_length they would lose their answer and cost compute for no loss.
-    generalist_max_chars: int = Field(default=2000, gt=0)
+    generalist_max_chars: int = Field(gt=0)
     specialist: list[Source] = Field(min_length=1)
-    generalist: list[Source] = []
+    generalist: list[Source]
 
     @model_validator(mode="after")
     def _check(self) -> PrepareConfig:
@@ -103,10 +104,10 @@ class MixConfig(_Section):
     specialist_size: int = Field(gt=0)
     # Fraction of the FINAL training set drawn from the generalist pool (see README, "the ratio").
     generalist_share: float = Field(ge=0, lt=1)
-    seed: int = 0
+    seed: int
     # Fraction of the drawn generalist examples whose answer is replaced by a wrong one (another answer of the
     # same task): hallucinated generalist data, as a knob the study turns (claim 3).
-    corrupt_generalist: float = Field(default=0.0, ge=0, le=1)
+    corrupt_generalist: float = Field(ge=0, le=1)
 
 
 class ModelConfig(_Section):
@@ -114,60 +115,65 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)  # > 0 costs ~30% of a CPU step (a copy per module)
-    target_modules: str | list[str] = "all-linear"
+    r: int = Field(gt=0)
+    alpha: int = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)  # > 0 costs ~30% of a CPU step (a copy per module)
+    target_modules: str | list[str]
 
 
 class TrainConfig(_Section):
-    lora: LoraConfig = LoraConfig()
-    learning_rate: float = Field(default=2e-4, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    epochs: float = Field(default=2, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    max_length: int = Field(default=512, gt=8)
+    lora: LoraConfig
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: str
+    warmup_ratio: float = Field(ge=0, lt=1)
+    epochs: float = Field(gt=0)
+    max_steps: int  # > 0 overrides epochs
+    batch_size: int = Field(gt=0)
+    grad_accum: int = Field(gt=0)
+    max_length: int = Field(gt=8)
     # Packing concatenates examples into one row; with SDPA that row's block mask costs attention quadratic in
     # the row's length (~4x slower on a CPU here). Worth it on a GPU with FlashAttention varlen kernels.
-    packing: bool = False
-    group_by_length: bool = True  # batches of similar length: less padding when generalist data is mixed in
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
-    logging_steps: int = Field(default=5, gt=0)
-    save_steps: int = Field(default=20, gt=0)  # checkpoints, so an interrupted run resumes
-    seed: int = 0
+    packing: bool
+    group_by_length: bool  # batches of similar length: less padding when generalist data is mixed in
+    precision: Literal["auto", "bf16", "fp16", "fp32"]  # auto: bf16 where the hardware has it
+    logging_steps: int = Field(gt=0)
+    save_steps: int = Field(gt=0)  # checkpoints, so an interrupted run resumes
+    seed: int
 
 
-class EvaluateConfig(_Section):
-    split: Literal["test", "dev"] = "test"
-    batch_size: int = Field(default=16, gt=0)
-    max_new_tokens: int = Field(default=32, gt=0)  # generative tasks
-    max_examples: int | None = Field(default=None, gt=0)
-    generalist_sample: int = Field(default=100, ge=0)  # held-out generalist questions: is general ability kept?
-    bootstrap: int = Field(default=1000, ge=100)  # resamples for the 95% interval
-    seed: int = 0
+class ScoreConfig(_Section):
+    """How an adapter is scored: what the search's trials, the study's cells and evaluate share."""
+
+    batch_size: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)  # generative tasks
+    bootstrap: int = Field(ge=100)  # resamples for the 95% interval
+
+
+class EvaluateConfig(ScoreConfig):
+    split: Literal["test", "dev"]
+    max_examples: int | None = Field(gt=0)
+    generalist_sample: int = Field(ge=0)  # held-out generalist questions: is general ability kept?
+    seed: int
 
 
 class SearchConfig(_Section):
-    n_trials: int = Field(default=4, gt=0)  # trials wanted in all, per size; a re-run runs only the missing ones
-    timeout: float | None = Field(default=None, gt=0)  # seconds; no new trial starts after it
-    max_share: float = Field(default=0.75, gt=0, lt=1)  # generalist_share is searched in [0, max_share]
-    seed: int = 0
+    n_trials: int = Field(gt=0)  # trials wanted in all, per size; a re-run runs only the missing ones
+    timeout: float | None = Field(gt=0)  # seconds; no new trial starts after it
+    max_share: float = Field(gt=0, lt=1)  # generalist_share is searched in [0, max_share]
+    seed: int
     # None: a file-backed study in the repository (search/optuna.journal). A database URL, e.g.
     # postgresql://user@host/db: one study that `mixtune search --worker` processes on several machines share.
-    storage: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+]*://")
-    pruner: Literal["median", "none"] = "median"
-    eval_every: int = Field(default=16, gt=0)  # steps between the dev evaluations a pruner decides on
-    dev_examples: int | None = Field(default=100, gt=0)  # dev examples scored at each of them (None: all)
-    sizes: list[Annotated[int, Field(gt=0)]] | None = Field(default=None, min_length=1)  # None: [mix.specialist_size]
+    storage: str | None = Field(pattern=r"^[a-z][a-z0-9+]*://")
+    pruner: Literal["median", "none"]
+    eval_every: int = Field(gt=0)  # steps between the dev evaluations a pruner decides on
+    dev_examples: int | None = Field(gt=0)  # dev examples scored at each of them (None: all)
+    sizes: list[Annotated[int, Field(gt=0)]] | None = Field(min_length=1)  # None: [mix.specialist_size]
 
 
 class RegisterConfig(_Section):
-    name: str | None = Field(default=None, min_length=1)  # default: mixtune-<specialist tasks joined by +>
-    min_gain: float = Field(default=0.0, ge=0)  # champion moves only if the test score beats it by more than this
-    require_interval: bool = False  # ...and, if set, the paired 95% interval of the gain lies above 0
+    name: str | None = Field(min_length=1)  # null: mixtune-<specialist tasks joined by +>
+    min_gain: float = Field(ge=0)  # champion moves only if the test score beats it by more than this
+    require_interval: bool  # ...and, if set, the paired 95% interval of the gain lies above 0
 
 
 Capability = Literal["understanding", "reasoning", "knowledge"]
@@ -192,21 +198,21 @@ class StudyTarget(_Section):
 class StudyConfig(_Section):
     """study/params.yaml: the paper's experiment grid (mixtune.study; README, "Should I add generalist data")."""
 
-    preset: str = "cpu"
-    note: str = ""  # what the preset cuts to fit its budget; the report quotes it
+    preset: str
+    note: str  # what the preset cuts to fit its budget; the report quotes it
     model: ModelConfig
     train: TrainConfig
-    evaluate: EvaluateConfig = EvaluateConfig()
+    evaluate: ScoreConfig
     prepare: StudyPrepareConfig  # the generalist pool and the splits; each target brings its own source
     targets: dict[str, StudyTarget] = Field(min_length=1)
     sizes: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
     shares: list[Annotated[float, Field(ge=0, lt=1)]] = Field(min_length=2)  # must include 0, the specialist
     fixed_share: float = Field(gt=0, lt=1)  # "specialist + generalist at a fixed share": one of `shares`
     seeds: list[int] = Field(min_length=1)
-    dev_examples: int = Field(default=50, gt=0)  # dev examples that choose the share (the search condition)
-    test_examples: int = Field(default=100, gt=0)  # test examples every number of the report is measured on
-    corrupt_generalist: list[Annotated[float, Field(gt=0, le=1)]] = []  # rates; 0 is the uncorrupted cell
-    corrupt_targets: list[str] = []  # the targets the corruption rates run on (at the largest size)
+    dev_examples: int = Field(gt=0)  # dev examples that choose the share (the search condition)
+    test_examples: int = Field(gt=0)  # test examples every number of the report is measured on
+    corrupt_generalist: list[Annotated[float, Field(gt=0, le=1)]]  # rates; 0 is the uncorrupted cell
+    corrupt_targets: list[str]  # the targets the corruption rates run on (at the largest size)
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
@@ -220,25 +226,18 @@ class StudyConfig(_Section):
         return self
 
 
-class Params(_Section):
-    """params.yaml; every section is optional here so one stage's section validates on its own."""
-
-    prepare: PrepareConfig | None = None
-    mix: MixConfig | None = None
-    model: ModelConfig | None = None
-    train: TrainConfig | None = None
-    evaluate: EvaluateConfig | None = None
-    search: SearchConfig | None = None
-    register_: RegisterConfig | None = Field(default=None, alias="register")  # `register` is a BaseModel method
-    study: StudyConfig | None = None  # in study/params.yaml
+# params.yaml's sections (study/params.yaml has `study`), each validated on its own.
+SECTIONS: dict[str, type[_Section]] = {
+    "prepare": PrepareConfig, "mix": MixConfig, "model": ModelConfig, "train": TrainConfig,
+    "evaluate": EvaluateConfig, "search": SearchConfig, "register": RegisterConfig, "study": StudyConfig}
 
 
 _KINDS = ("file", "hf", "bigbench")  # the tags pydantic puts in an error's loc for the Source union
 
 
-def _format_error(path: Path, err: ValidationError) -> str:
+def _format_error(path: Path, section: str, err: ValidationError) -> str:
     e = err.errors()[0]
-    parts = [p for p in e["loc"] if not str(p).startswith("function-after")]
+    parts = [section, *(p for p in e["loc"] if not str(p).startswith("function-after"))]
     # Drop the union tag pydantic inserts after a list index: `specialist.0.format`, not `specialist.0.file.format`.
     parts = [p for i, p in enumerate(parts) if not (p in _KINDS and i and isinstance(parts[i - 1], int))]
     msg, got = e["msg"], e.get("input")
@@ -253,8 +252,22 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: {loc}: {msg}{got}"
 
 
-def load_section(section: str, path: str | Path = "params.yaml"):
-    """Validate and return one section of params.yaml: a stage never depends on another stage's keys."""
+@functools.cache
+def _subset(section: str, keys: tuple[str, ...]) -> type[_Section]:
+    """A config class with only `keys` of a section's fields, validated as in the full class."""
+    cls = SECTIONS[section]
+    unknown = [k for k in keys if k not in cls.model_fields]
+    if unknown:
+        raise ValueError(f"{section}: no such keys {unknown}")  # a programming error, not the user's
+    fields = {k: (cls.model_fields[k].annotation, cls.model_fields[k]) for k in keys}
+    return create_model(f"{cls.__name__}[{','.join(keys)}]", __base__=_Section, **fields)
+
+
+def load_section(section: str, path: str | Path = "params.yaml", keys: tuple[str, ...] | None = None):
+    """Validate and return one section of a params file: a stage never depends on another stage's keys.
+
+    `keys`: the stage reads only these keys of the section (dvc.yaml declares them, `section.key`); the object
+    returned has no others, so reading an undeclared key fails at once instead of going unnoticed by DVC."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -268,8 +281,13 @@ def load_section(section: str, path: str | Path = "params.yaml"):
         raise MixtuneError(f"{path}: expected a mapping of sections")
     if section not in raw:
         raise MixtuneError(f"{path}: {section}: missing section")
+    values = raw[section]
+    cls = SECTIONS[section]
+    if keys is not None:
+        cls = _subset(section, tuple(keys))
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k in keys}
     try:
-        params = Params.model_validate({section: raw[section]}, context=None)
+        return cls.model_validate(values)
     except ValidationError as e:
-        raise MixtuneError(_format_error(path, e)) from None
-    return getattr(params, next(n for n, f in Params.model_fields.items() if (f.alias or n) == section))
+        raise MixtuneError(_format_error(path, section, e)) from None

@@ -15,12 +15,13 @@ import json
 import time
 from pathlib import Path
 
-from mixtune.config import EvaluateConfig, ModelConfig, RegisterConfig, load_section
+from mixtune.config import ModelConfig, RegisterConfig, load_section
 from mixtune.errors import MixtuneError, first_line
 from mixtune.files import read_jsonl, sha256_file, write_json
 from mixtune.model import load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
 from mixtune.tracking import data_hash, stage_run, tracking_uri
 
+EVALUATE_KEYS = ("batch_size", "max_new_tokens", "max_examples", "bootstrap", "seed")  # the keys register reads
 PREDICTIONS = "test_predictions.json"  # in each register run: the candidate's predictions on the test split
 
 
@@ -91,7 +92,7 @@ def _decide(cfg: RegisterConfig, champion, test_sha: str, examples, preds, eval_
     return s, True, f"promoted: {vs}"
 
 
-def run(cfg: RegisterConfig, model_cfg: ModelConfig, eval_cfg: EvaluateConfig, prepared: Path = Path("prepared"),
+def run(cfg: RegisterConfig, model_cfg: ModelConfig, eval_cfg, prepared: Path = Path("prepared"),
         search: Path = Path("search"), out: Path = Path("register")) -> dict:
     best_path, test_path = search / "best.json", prepared / "specialist" / "test.jsonl"
     for path, stage in ((best_path, "search"), (test_path, "prepare")):
@@ -101,13 +102,13 @@ def run(cfg: RegisterConfig, model_cfg: ModelConfig, eval_cfg: EvaluateConfig, p
     adapter = Path(best["adapter"])
     require_adapter(adapter)
     examples = read_jsonl(test_path)[: eval_cfg.max_examples]
-    eval_cfg = eval_cfg.model_copy(update={"split": "test"})
     name = cfg.name or default_name(best["tasks"])
     metric = "accuracy" if all(ex["options"] for ex in examples) else "exact_match"
     key = {"mixtune.adapter_sha256": sha256_file(adapter / "adapter_model.safetensors"),
            "mixtune.test_sha256": sha256_file(test_path)}
     base_path = resolve_base(model_cfg.base)
-    params = {"register": cfg.model_dump(), "model": model_cfg.model_dump(), "evaluate": eval_cfg.model_dump()}
+    params = {"register": cfg.model_dump(), "model": model_cfg.model_dump(),
+              "evaluate": {**eval_cfg.model_dump(), "split": "test"}}
     tags = {"mixtune.registered_model": name, "mixtune.source_run_id": best["run_id"]}
 
     # The run opens first: an unreachable store fails here, before anything is scored or changed.

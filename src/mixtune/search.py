@@ -24,27 +24,33 @@ from pathlib import Path
 
 import numpy as np
 
+from mixtune import lineage
 from mixtune import metrics as M
-from mixtune.config import EvaluateConfig, MixConfig, ModelConfig, SearchConfig, TrainConfig
+from mixtune.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
 from mixtune.model import load_tokenizer, precision, resolve_base
 from mixtune.search_study import Claim, count, open_study, parent_run, share_of, trial_run
 from mixtune.tracking import Timer, repo_root, stage_run
 
+MIX_KEYS = ("specialist_size", "seed")  # of params.yaml's sections, the keys the search reads (dvc.yaml: the same)
+SCORE_KEYS = ("batch_size", "max_new_tokens", "bootstrap")
 BASELINES = (0.0, 0.5)  # the pure specialist and an even mix; they are also TPE's start-up trials
 CSV_FIELDS = ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "trained_tokens"]
 
 
-def study_definition(cfg: SearchConfig, mix_cfg: MixConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
+def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_cfg: ModelConfig, score_cfg,
                      size: int, prepared: Path) -> dict:
-    """What makes two trials comparable. The study's name is its hash: changing n_trials continues a study,
-    changing the data, the model or the training starts a new one."""
+    """Everything that computes a trial's score; the study's name is its hash. Changing n_trials, timeout or
+    the storage continues a study; changing the data, the model, the training, the scoring or the code that
+    computes a trial (this module and all it can import) starts a new one, and the old one stays in storage."""
     files = [prepared / "specialist" / "train.jsonl", prepared / "specialist" / "dev.jsonl",
              prepared / "generalist.jsonl"]
     return {"specialist_size": size, "mix_seed": mix_cfg.seed, "model": model_cfg.model_dump(),
-            "train": train_cfg.model_dump(), "data_sha256": [sha256_file(f)[:16] for f in files],
-            "search": cfg.model_dump(include={"max_share", "seed", "eval_every", "dev_examples"})}
+            "train": train_cfg.model_dump(), "score": {k: getattr(score_cfg, k) for k in SCORE_KEYS},
+            "data_sha256": [sha256_file(f)[:16] for f in files],
+            "search": cfg.model_dump(include={"max_share", "seed", "eval_every", "dev_examples", "pruner"}),
+            "code_sha256": lineage.fingerprint([__name__])[:16]}
 
 
 class _Trials:
@@ -82,7 +88,8 @@ class _Trials:
 
         from mixtune import mix, train
 
-        manifest = mix.run(MixConfig(specialist_size=self.size, generalist_share=share, seed=self.mix_cfg.seed),
+        manifest = mix.run(MixConfig(specialist_size=self.size, generalist_share=share, seed=self.mix_cfg.seed,
+                                     corrupt_generalist=0.0),
                            self.prepared, folder / "mix")
         trial.set_user_attr("mix_sha256", manifest["sha256"])
         mlflow.log_dict(manifest, "mix_manifest.json")
@@ -273,10 +280,11 @@ def _log_summary(study, summary: dict) -> None:
 # --- stage --------------------------------------------------------------------------------------------------
 
 
-def run(cfg: SearchConfig, mix_cfg: MixConfig, train_cfg: TrainConfig, model_cfg: ModelConfig,
-        eval_cfg: EvaluateConfig, worker: bool = False, prepared: Path = Path("prepared"),
-        out: Path = Path("search"), baselines: tuple[float, ...] = BASELINES) -> dict:
-    """`baselines`: the shares run first, unpruned (bench/bench_search.py passes a whole grid)."""
+def run(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_cfg: ModelConfig, eval_cfg,
+        worker: bool = False, prepared: Path = Path("prepared"), out: Path = Path("search"),
+        baselines: tuple[float, ...] = BASELINES) -> dict:
+    """`mix_cfg`, `eval_cfg`: MIX_KEYS of mix and SCORE_KEYS of evaluate (the full sections do too).
+    `baselines`: the shares run first, unpruned (bench/bench_search.py passes a whole grid)."""
     dev_path = prepared / "specialist" / "dev.jsonl"
     if not dev_path.is_file():
         raise MixtuneError(f"{dev_path}: no such file (run the prepare stage first)")
@@ -285,11 +293,10 @@ def run(cfg: SearchConfig, mix_cfg: MixConfig, train_cfg: TrainConfig, model_cfg
         raise MixtuneError(f"{dev_path}: no dev examples; the search scores on them (set prepare.dev_fraction > 0)")
     tasks = sorted({ex["task"] for ex in read_jsonl(prepared / "specialist" / "train.jsonl")})
     base = resolve_base(model_cfg.base)
-    eval_cfg = eval_cfg.model_copy(update={"split": "dev", "seed": cfg.seed})
     summaries, rows, started = [], [], {}
     baselines = [s for s in baselines if s <= cfg.max_share]
     for size in cfg.sizes or [mix_cfg.specialist_size]:
-        definition = study_definition(cfg, mix_cfg, train_cfg, model_cfg, size, prepared)
+        definition = study_definition(cfg, mix_cfg, train_cfg, model_cfg, eval_cfg, size, prepared)
         key = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:10]
         name = f"{'+'.join(tasks)}-n{size}-{key}"
         claim = Claim(cfg.storage, name)

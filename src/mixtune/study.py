@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixtune import lineage
 from mixtune import metrics as M
 from mixtune.config import MixConfig, StudyConfig
 from mixtune.errors import MixtuneError
@@ -30,6 +31,12 @@ from mixtune.tracking import Timer, repo_root, stage_run
 # Keywords that say how a BIG-bench task is posed, not which skill it needs: they do not count for coverage.
 FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "json", "example task",
                    "numerical response", "free response", "non-english", "multilingual", "low-resource language"}
+
+
+# The keys of study/params.yaml's `study` section each stage reads (study/dvc.yaml declares the same).
+PREPARE_KEYS = ("prepare", "targets")
+RUN_KEYS = ("preset", "model", "train", "evaluate", "targets", "sizes", "shares", "fixed_share", "seeds",
+            "dev_examples", "test_examples", "corrupt_generalist", "corrupt_targets")
 
 
 def prepared_dir(target: str) -> Path:
@@ -88,7 +95,7 @@ def _target(cfg: StudyConfig, name: str):
 # --- cells --------------------------------------------------------------------------------------------------
 
 
-def cells(cfg: StudyConfig, target: str, size: int) -> list[dict]:
+def cells(cfg, target: str, size: int) -> list[dict]:
     """Every cell of one target and size, in the order they run: seed by seed, shares ascending, then the
     corruption rates (at the largest size and the fixed share, for the corrupt_targets)."""
     out = []
@@ -115,10 +122,12 @@ class _Runner:
         if not self.dev or not self.test:
             raise MixtuneError(f"{spec}: the study needs dev and test examples (prepare.dev_fraction, test_fraction)")
         files = [spec / "train.jsonl", spec / "dev.jsonl", spec / "test.jsonl", prepared / "generalist.jsonl"]
+        # Everything a cell's numbers depend on besides the cell itself, the code that computes it included.
         self.definition = {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
                            "evaluate": cfg.evaluate.model_dump(include={"batch_size", "max_new_tokens"}),
                            "dev_examples": cfg.dev_examples, "test_examples": cfg.test_examples,
-                           "data": [sha256_file(f)[:16] for f in files]}
+                           "data": [sha256_file(f)[:16] for f in files],
+                           "code": lineage.fingerprint([__name__])[:16]}
 
     def key(self, cell: dict) -> str:
         blob = json.dumps({**self.definition, **cell}, sort_keys=True)

@@ -1,0 +1,150 @@
+"""What a stage's code is: the project source files a command can import, found by a static walk of the
+`import mixtune...` / `from mixtune... import` statements (function-level imports included), and their hash.
+
+Two users: the test that checks every stage of dvc.yaml declares the files its command can import, and the
+caches of our own (the search's Optuna study, the study's cells), whose keys include `fingerprint(...)` so that
+an edited source file never replays a result the old code measured. Deliberately coarse: a module counts whole
+once anything in it is imported, so an edited comment counts as a change too. A stale answer costs more than a
+re-run.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+PACKAGE = "mixtune"
+ROOT = Path(__file__).resolve().parent  # src/mixtune
+
+
+def module_file(module: str) -> Path:
+    """`mixtune.search` -> src/mixtune/search.py (a package -> its __init__.py)."""
+    parts = module.split(".")[1:]
+    path = ROOT.joinpath(*parts)
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _is_module(module: str) -> bool:
+    return module_file(module).is_file()
+
+
+def imported(node: ast.AST) -> set[str]:
+    """The project modules the statements under `node` import, wherever they stand (in a function too)."""
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name == PACKAGE or a.name.startswith(PACKAGE + ".")}
+        elif isinstance(n, ast.ImportFrom) and n.module and n.level == 0 and \
+                (n.module == PACKAGE or n.module.startswith(PACKAGE + ".")):
+            out.add(n.module)
+            # `from mixtune import metrics`: metrics is a module; `from mixtune.config import X`: X is a name
+            out |= {f"{n.module}.{a.name}" for a in n.names if _is_module(f"{n.module}.{a.name}")}
+    return {m for m in out if _is_module(m)}
+
+
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def closure(modules: set[str] | list[str]) -> set[str]:
+    """`modules`, every project module they can import, transitively, and the package's __init__."""
+    seen: set[str] = set()
+    todo = [PACKAGE, *modules]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += imported(_tree(module_file(m))) - seen
+    return seen
+
+
+def function_closure(module: str, function: str) -> set[str]:
+    """The modules a call of `module.function` can import: the module's top-level imports, the function's own
+    (it is where a CLI command imports its stage), and everything those import."""
+    tree = _tree(module_file(module))
+    top = {n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)}
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
+    if fn is None:
+        raise LookupError(f"{module}.{function}: no such function")
+    found: set[str] = set()
+    for n in [*top, fn]:
+        found |= imported(n)
+    return closure(found) | {module}  # the module's file, not all its other functions import
+
+
+def files(modules: set[str]) -> list[Path]:
+    return sorted(module_file(m) for m in modules)
+
+
+def fingerprint(modules: list[str]) -> str:
+    """sha256 over the source of `modules` and all they can import (paths relative to the package)."""
+    h = hashlib.sha256()
+    for path in files(closure(modules)):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# --- what reruns when: derived from the dvc.yaml files, for the README --------------------------------------
+
+
+def _stages(repo: Path, dvc_files: tuple[str, ...]) -> dict[str, dict]:
+    import yaml
+
+    out = {}
+    for f in dvc_files:
+        for name, stage in yaml.safe_load((repo / f).read_text())["stages"].items():
+            outs = [o if isinstance(o, str) else next(iter(o)) for kind in ("outs", "metrics", "plots")
+                    for o in stage.get(kind, [])]
+            params = []
+            for p in stage.get("params", []):
+                params += [p] if isinstance(p, str) else [k for keys in p.values() for k in keys]
+            out[name] = {"deps": stage.get("deps", []), "outs": outs, "params": params}
+    return out
+
+
+def reruns(repo: Path, dvc_files: tuple[str, ...] = ("dvc.yaml", "study/dvc.yaml")) -> dict[str, list[str]]:
+    """What reruns when a params key or a source file changes: the stages that declare it and every stage
+    downstream of them (one that depends on another's output). Keys with the same stages share a row."""
+    import yaml
+
+    stages = _stages(repo, dvc_files)
+    order = list(stages)
+
+    def linked(dep: str, out: str) -> bool:  # matrix items stand for any value
+        dep, out = (x.replace("${item.target}", "*").replace("${item.size}", "*").rstrip("/") for x in (dep, out))
+        return dep == out or out.startswith(dep + "/") or dep.startswith(out + "/")
+
+    def rerun(direct: set[str]) -> tuple[str, ...]:
+        todo, seen = list(direct), set(direct)
+        while todo:
+            outs = stages[todo.pop()]["outs"]
+            for name, s in stages.items():
+                if name not in seen and any(linked(d, o) for d in s["deps"] for o in outs):
+                    seen.add(name)
+                    todo.append(name)
+        return tuple(sorted(seen, key=order.index))
+
+    keys = [f"{sec}.{k}" for sec, values in yaml.safe_load((repo / "params.yaml").read_text()).items()
+            for k in values]
+    keys += [f"study.{k}" for k in yaml.safe_load((repo / "study" / "params.yaml").read_text())["study"]]
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for key in keys:
+        direct = {n for n, s in stages.items() if any(key == p or key.startswith(p + ".") for p in s["params"])}
+        rows.setdefault(rerun(direct), []).append(f"`{key}`")
+    for src in sorted({d for s in stages.values() for d in s["deps"] if d.startswith("src/")}):
+        rows.setdefault(rerun({n for n, s in stages.items() if src in s["deps"]}), []).append(f"`{Path(src).name}`")
+    return {", ".join(what): list(names) for names, what in rows.items()}
+
+
+def rerun_table(repo: Path) -> str:
+    rows = ["| when this changes | these stages rerun |", "|---|---|"]
+    rows += [f"| {what} | {', '.join(names) or 'none'} |" for what, names in reruns(repo).items()]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m mixtune.lineage: the README's table
+    print(rerun_table(Path.cwd()), end="")

@@ -1,0 +1,229 @@
+"""Never a stale answer: every stage of dvc.yaml and study/dvc.yaml declares the project files its command can
+import and the params keys its config objects expose; params files hold every value; our caches are keyed by
+the code that computes them."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixtune import lineage
+from mixtune.cli import build_parser
+from mixtune.config import load_section
+from mixtune.errors import MixtuneError
+
+from conftest import REPO
+
+DVC_FILES = ("dvc.yaml", "study/dvc.yaml")
+PARAMS_FILES = {"params.yaml": ("prepare", "mix", "model", "train", "evaluate", "search", "register"),
+                "study/params.yaml": ("study",), "study/paper.yaml": ("study",)}
+
+
+def test_imports_are_found_in_functions_and_through_every_import_form():
+    src = '''
+import json
+import mixtune.train
+from mixtune import metrics as M, lineage
+from mixtune.config import MixConfig
+from mixtune.nonexistent import x
+
+
+def f():
+    from mixtune import search
+    import mixtune.model as mm
+
+
+class C:
+    def g(self):
+        from mixtune.evaluate import correct
+'''
+    assert lineage.imported(ast.parse(src)) == {
+        "mixtune", "mixtune.train", "mixtune.metrics", "mixtune.lineage", "mixtune.config", "mixtune.search",
+        "mixtune.model", "mixtune.evaluate"}
+
+
+def test_a_command_imports_its_own_stage_not_every_command_of_the_cli():
+    # cli.py imports each stage inside its command's function: `mixtune mix` can import mix.py, not train.py
+    mods = lineage.function_closure("mixtune.cli", "_mix")
+    assert {"mixtune.cli", "mixtune.mix", "mixtune.config", "mixtune", "mixtune.errors"} <= mods
+    assert not mods & {"mixtune.train", "mixtune.search", "mixtune.register", "mixtune.evaluate"}
+
+
+# --- the stages' declarations -------------------------------------------------------------------------------
+
+
+def _stages():
+    """(dvc file, stage name, stage) with matrix items replaced by their first values."""
+    study = yaml.safe_load((REPO / "study" / "params.yaml").read_text())["study"]
+    item = {"target": next(iter(study["targets"])), "size": str(study["sizes"][0])}
+    out = []
+    for f in DVC_FILES:
+        for name, stage in yaml.safe_load((REPO / f).read_text())["stages"].items():
+            text = yaml.safe_dump(stage)
+            for k, v in item.items():
+                text = text.replace("${item.%s}" % k, v)
+            out.append((f, name, yaml.safe_load(text)))
+    return out
+
+
+def _resolve(node: ast.expr):
+    """A literal tuple, or a constant of a project module (`search.MIX_KEYS`)."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return getattr(importlib.import_module(f"mixtune.{node.value.id}"), node.attr)
+    return ast.literal_eval(node)
+
+
+def required_params(func, args) -> set[tuple[str, str]]:
+    """(params file, key) for every load_section call in a command's function: the whole section, or each key
+    of `keys=` (the config object exposes only those)."""
+    tree = ast.parse(Path(func.__code__.co_filename).read_text())
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == func.__name__)
+    out = set()
+    for call in ast.walk(fn):
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "load_section":
+            section = ast.literal_eval(call.args[0])
+            path = getattr(args, call.args[1].attr)  # args.params / args.study_params
+            keys = next((_resolve(k.value) for k in call.keywords if k.arg == "keys"), None)
+            out |= {(path, section)} if keys is None else {(path, f"{section}.{k}") for k in keys}
+    return out
+
+
+def declared_params(stage: dict) -> set[tuple[str, str]]:
+    out = set()
+    for p in stage.get("params", []):
+        if isinstance(p, str):
+            out.add(("params.yaml", p))
+        else:
+            out |= {(f, k) for f, keys in p.items() for k in keys}
+    return out
+
+
+def _covers(declared: set, key: tuple[str, str]) -> bool:
+    f, k = key
+    parts = k.split(".")
+    return any((f, ".".join(parts[:i])) in declared for i in range(1, len(parts) + 1))
+
+
+@pytest.mark.parametrize("dvc_file,name,stage", _stages(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_stage_declares_what_its_command_reads(dvc_file, name, stage):
+    args = build_parser().parse_args(shlex.split(stage["cmd"])[1:])
+    func = args.func
+    code = {str(p.relative_to(REPO)) for p in lineage.files(lineage.function_closure(func.__module__,
+                                                                                     func.__name__))}
+    deps = set(stage["deps"])
+    declared_code = {d for d in deps if d.startswith("src/")}
+    missing = sorted(code - declared_code)
+    extra = sorted(declared_code - code)  # declared but not importable: a rerun for nothing
+    assert not missing and not extra, f"{dvc_file}:{name}: deps missing {missing}, not imported {extra}"
+
+    needed, declared = required_params(func, args), declared_params(stage)
+    missing = sorted(k for k in needed if not _covers(declared, k))
+    extra = sorted(k for k in declared if not any(_covers({k}, n) or _covers({n}, k) for n in needed))
+    assert not missing and not extra, f"{dvc_file}:{name}: params missing {missing}, not read {extra}"
+
+
+def test_the_declaration_check_fails_on_an_undeclared_import():
+    """The check above on the dvc.yaml before this rule: `search` did not declare config.py nor metrics.py."""
+    (_, _, stage), = [s for s in _stages() if s[1] == "search"]
+    old = copy.deepcopy(stage)
+    old["deps"] = [d for d in old["deps"] if d not in ("src/mixtune/config.py", "src/mixtune/metrics.py")]
+    with pytest.raises(AssertionError, match=r"deps missing \['src/mixtune/config.py', 'src/mixtune/metrics.py'\]"):
+        test_every_stage_declares_what_its_command_reads("dvc.yaml", "search", old)
+    old = copy.deepcopy(stage)
+    old["params"] = [p for p in old["params"] if p != "evaluate.max_new_tokens"]
+    with pytest.raises(AssertionError, match=r"params missing \[\('params.yaml', 'evaluate.max_new_tokens'\)\]"):
+        test_every_stage_declares_what_its_command_reads("dvc.yaml", "search", old)
+
+
+def test_a_key_the_stage_did_not_declare_cannot_be_read():
+    mix = load_section("mix", REPO / "params.yaml", keys=("specialist_size", "seed"))
+    assert (mix.specialist_size, mix.seed) == (64, 0)
+    with pytest.raises(AttributeError):
+        mix.generalist_share
+
+
+# --- one source of defaults ---------------------------------------------------------------------------------
+
+
+def _leaves(d: dict, prefix: str = ""):
+    """Every key path of a section, not descending into sources and study targets: their optional fields are
+    the schema of a user's data description, not project defaults."""
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        yield path
+        if isinstance(v, dict) and k not in ("targets", "columns", "where"):
+            yield from _leaves(v, path + ".")
+
+
+@pytest.mark.parametrize("params_file", list(PARAMS_FILES))
+def test_every_key_comes_from_the_params_file(params_file, tmp_path):
+    """Without any one key of the file, loading its section fails and names the file and the key: config.py
+    has no default of its own."""
+    raw = yaml.safe_load((REPO / params_file).read_text())
+    for section in PARAMS_FILES[params_file]:
+        full = load_section(section, REPO / params_file)
+        assert full.model_dump(by_alias=True) is not None
+        for path in _leaves(raw[section]):
+            cut = copy.deepcopy(raw)
+            *parents, last = path.split(".")
+            node = cut[section]
+            for p in parents:
+                node = node[p]
+            del node[last]
+            f = tmp_path / "params.yaml"
+            f.write_text(yaml.safe_dump(cut))
+            with pytest.raises(MixtuneError) as e:
+                load_section(section, f)
+            assert str(e.value) == f"{f}: {section}.{path}: Field required", path
+
+
+def test_a_missing_section_names_the_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("mix: {}\n")
+    with pytest.raises(MixtuneError, match=rf"^{f}: train: missing section$"):
+        load_section("train", f)
+
+
+# --- caches keyed by their code -----------------------------------------------------------------------------
+
+
+def _fingerprint(src: Path, module: str) -> str:
+    out = subprocess.run([sys.executable, "-c", f"from mixtune import lineage; print(lineage.fingerprint(['{module}']))"],
+                         env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         check=True, cwd=src)
+    return out.stdout.strip()
+
+
+def test_a_cache_key_changes_with_a_comment_in_any_module_it_can_import(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "mixtune", src / "mixtune")
+    before = {m: _fingerprint(src, m) for m in ("mixtune.search", "mixtune.study")}
+    assert before["mixtune.search"] == lineage.fingerprint(["mixtune.search"])  # the copy is what runs
+
+    (src / "mixtune" / "register.py").write_text((src / "mixtune" / "register.py").read_text() + "# a note\n")
+    assert {m: _fingerprint(src, m) for m in before} == before  # neither search nor study imports register
+
+    (src / "mixtune" / "evaluate.py").write_text((src / "mixtune" / "evaluate.py").read_text() + "# a note\n")
+    after = {m: _fingerprint(src, m) for m in before}
+    assert after["mixtune.search"] != before["mixtune.search"]
+    assert after["mixtune.study"] != before["mixtune.study"]
+
+
+def test_the_readmes_rerun_table_is_the_one_derived_from_dvc_yaml():
+    table = lineage.rerun_table(REPO)
+    assert table in (REPO / "README.md").read_text(), f"README.md: replace the table by (python -m mixtune.lineage):\n{table}"
+    rows = lineage.reruns(REPO)
+    # what the README promises in words
+    assert rows["`mix.generalist_share`, `mix.corrupt_generalist`"] == ["mix", "train", "evaluate"]
+    assert next(v for k, v in rows.items() if "`evaluate.py`" in k) == ["evaluate", "search", "register", "study-prepare",
+                                                                        "study-run", "study-report"]
+    assert next(v for k, v in rows.items() if "`register.py`" in k) == ["register"]
