@@ -1,6 +1,6 @@
 """Label scoring against per-example generation on the default task, same model, examples and machine.
 
-    scoring     evaluate.predict: every label's log-likelihood, prompts batched, options on the shared KV cache
+    scoring     score.predict: every label's log-likelihood, prompts batched, options on the shared KV cache
     generation  greedy generation one example at a time (max_new_tokens from params.yaml), the text mapped to
                 a label (exact, else the first label it names): what a plain script does
 
@@ -30,7 +30,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     from mixtune import metrics
     from mixtune.config import load_section
-    from mixtune.evaluate import generate, label_from_text, predict
+    from mixtune.score import generate, label_from_text, predict
     from mixtune.files import read_jsonl, write_json
     from mixtune.model import load_adapter, load_base, load_tokenizer, precision, resolve_base
 

@@ -48,7 +48,9 @@ def arm(name: str, grid: bool) -> dict:
     seconds = time.perf_counter() - t
     with open(ws / "search" / "trials.csv") as f:
         trials = [{k: (float(v) if v and k != "state" else v) for k, v in row.items()} for row in csv.DictReader(f)]
-    return {"best_share": best["generalist_share"], "best_dev_metric": best["dev_metric"],
+    # The comparison is of the trials themselves: the best share either arm measured.
+    return {"best_share": best["best_trial_share"], "best_dev_metric": best["best_trial_dev"],
+            "recommended_share": best["recommended_share"],
             "trained_tokens": best["trained_tokens_total"], "seconds": seconds, "trials": trials}
 
 

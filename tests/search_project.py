@@ -54,6 +54,7 @@ def make_project(root: Path, tiny_model: Path, generalist: int = 60, **sections)
     write_jsonl(prepared / "specialist" / "dev.jsonl", _examples("dev", 12, rng, LABELS))
     write_jsonl(prepared / "specialist" / "test.jsonl", _examples("test", 12, rng, LABELS))
     write_jsonl(prepared / "generalist.jsonl", _examples("gen", generalist, rng, None))
+    write_jsonl(prepared / "generalist_probe.jsonl", _examples("probe", 8, rng, ["p", "q"]))
     write_params(root, tiny_model, **sections)
     return root
 
@@ -68,6 +69,14 @@ def load(root: Path, section: str, keys=None):
     return load_section(section, root / "params.yaml", keys=keys)
 
 
+def load_section_with(**sections):
+    """The repository's params.yaml with these sections' keys replaced, validated (for calls without a project)."""
+    from mixtune.config import SECTIONS
+
+    (name, values), = sections.items()
+    return SECTIONS[name].model_validate(merged(repo_params()[name], values))
+
+
 def search_sections(root: Path) -> list:
     """The sections as `mixtune search` loads them."""
     from mixtune import search
@@ -80,7 +89,7 @@ def study(root: Path, storage: str | None = None, size: int | None = None):
     """The project's study (of `size`, when a search ran several), in the journal by default."""
     import optuna
 
-    from mixtune.search_study import db_url
+    from mixtune.search_storage import db_url
 
     if storage is not None:
         storage = db_url(storage)

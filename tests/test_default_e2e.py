@@ -1,66 +1,99 @@
 """End to end on the real default assets: SmolLM2-135M-Instruct, BBC News and a real BIG-bench subset, through
-the CLI stage by stage (a few training steps), tracked in a temporary MLflow store."""
+`dvc repro` of the project's own dvc.yaml (prepare -> search -> mix -> train -> evaluate -> register), small
+(a few training steps, a few dev and test examples), tracked in the temporary project's own MLflow store."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REAL_BBC, REAL_MODEL, REPO
+from test_pipeline_e2e import BIN, sh
 
 pytestmark = pytest.mark.e2e
 
 
-def test_default_pipeline_trains_evaluates_and_tracks(tmp_path, bigbench_subset):
+def test_default_pipeline_answers_trains_evaluates_and_registers(tmp_path, bigbench_subset):
     if not (REAL_MODEL / "model.safetensors").is_file() or not REAL_BBC.is_file():
         pytest.skip("the default assets are absent: run `make fetch` first")
     archive, _ = bigbench_subset
-    (tmp_path / "data" / "specialist").mkdir(parents=True)
-    (tmp_path / "data" / "generalist").mkdir(parents=True)
-    shutil.copy(REAL_BBC, tmp_path / "data" / "specialist" / "bbc_news.jsonl")
-    shutil.copy(archive, tmp_path / "data" / "generalist" / "bigbench-1.0.0.tar.gz")
+    repo = tmp_path / "repo"
+    (repo / "data" / "specialist").mkdir(parents=True)
+    (repo / "data" / "generalist").mkdir(parents=True)
+    shutil.copy(REAL_BBC, repo / "data" / "specialist" / "bbc_news.jsonl")
+    shutil.copy(archive, repo / "data" / "generalist" / "bigbench-1.0.0.tar.gz")
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copytree(REPO / "src" / "mixtune", repo / "src" / "mixtune", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["base"] = str(REAL_MODEL)
-    params["mix"].update(specialist_size=24, generalist_share=0.2)
+    params["prepare"].update(dev_fraction=0.02, generalist_probe=5)
+    params["mix"].update(specialist_size=24)  # generalist_share: auto, as the default
     params["train"].update(max_steps=3, batch_size=4, save_steps=100)
-    params["evaluate"].update(max_examples=20, generalist_sample=5)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    env = dict(os.environ, MLFLOW_TRACKING_URI=store, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    params["evaluate"].update(max_examples=20)
+    params["search"].update(n_trials=2, eval_every=100)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, str(BIN / "dvc"), "init", "-q")
+    sh(repo, str(BIN / "dvc"), "add", "-q", "data")
 
-    for stage in ("prepare", "mix", "train", "evaluate"):
-        proc = subprocess.run([sys.executable, "-m", "mixtune.cli", stage], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{stage}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    first = sh(repo, str(BIN / "dvc"), "repro")
+    for stage in ("prepare", "search", "mix", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first, stage
 
-    manifest = json.loads((tmp_path / "mix" / "manifest.json").read_text())
-    assert (manifest["specialist_size"], manifest["generalist_size"], manifest["total"]) == (24, 6, 30)
-    train = json.loads((tmp_path / "train" / "metrics.json").read_text())
-    assert train["steps"] == 3 and train["trained_tokens"] > 0 and train["tokens_per_second"] > 0
-    adapter_config = json.loads((tmp_path / "train" / "adapter" / "adapter_config.json").read_text())
+    # One answer, and the final adapter trained at exactly that share.
+    best = json.loads((repo / "search" / "best.json").read_text())
+    assert best["metric"] == "macro_f1" and best["trials"] == {"complete": 2, "pruned": 0, "fail": 0}
+    assert best["answer"].startswith("For bbc_news at 24 examples, ") and "mixtune search: " not in best["answer"]
+    manifest = json.loads((repo / "mix" / "manifest.json").read_text())
+    assert manifest["generalist_share"] == best["recommended_share"] and manifest["share_source"] == "auto"
+    train = json.loads((repo / "train" / "metrics.json").read_text())
+    assert train["steps"] == 3 and train["trained_tokens"] > 0
+    adapter_config = json.loads((repo / "train" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(REAL_MODEL.resolve())
-    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert result["n"] == 20 and result["generalist"]["n"] == 5
-    assert 0 <= result["base"]["accuracy_low"] <= result["base"]["accuracy"] <= result["base"]["accuracy_high"] <= 1
+
+    # Evaluate: the final adapter, the base model and the search's pure specialist, by macro-F1; forgetting.
+    result = json.loads((repo / "eval" / "metrics.json").read_text())
+    assert result["n"] == 20 and result["share"] == best["recommended_share"]
+    m = result["macro_f1"]
+    for system in ("tuned", "base", "specialist"):
+        assert 0 <= m[system]["low"] <= m[system]["value"] <= m[system]["high"] <= 1
+    assert result["forgetting"]["probe_n"] == 5
     labels = {"business", "entertainment", "politics", "sport", "tech"}
-    rows = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl")]
-    assert len(rows) == 20 and {r["tuned"] for r in rows} <= labels and {r["gold"] for r in rows} <= labels
+    rows = [json.loads(line) for line in open(repo / "eval" / "predictions.jsonl")]
+    assert len(rows) == 20 and all({r["tuned"], r["base"], r["specialist"], r["gold"]} <= labels for r in rows)
+
+    # Register: the version evaluate measured, champion as the first.
+    registered = json.loads((repo / "register" / "result.json").read_text())
+    assert registered["version"] == 1 and registered["promoted"] and registered["metric"] == "macro_f1"
+    assert registered["test_score"] == pytest.approx(m["tuned"]["value"])
+    assert "up to date" in sh(repo, str(BIN / "dvc"), "status")
 
     import mlflow
 
-    client = mlflow.MlflowClient(store)
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("mixtune/bbc_news")
-    runs = {r.data.tags["mixtune.stage"]: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"train", "evaluate"}
-    assert all(r.info.status == "FINISHED" for r in runs.values())
-    assert runs["evaluate"].data.tags["mixtune.train_run_id"] == runs["train"].info.run_id
-    assert runs["train"].data.params["mix.generalist_share"] == "0.2"
-    assert runs["evaluate"].data.metrics["tuned.accuracy"] == pytest.approx(result["tuned"]["accuracy"])
-    assert len(client.get_metric_history(runs["train"].info.run_id, "loss")) >= 1
+    runs = client.search_runs([exp.experiment_id])
+    stages = {r.data.tags["mixtune.stage"] for r in runs}
+    assert stages == {"search", "search-trial", "train", "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    [search_run] = [r for r in runs if r.data.tags["mixtune.stage"] == "search"]
+    assert search_run.data.tags["mlflow.note.content"] == best["answer"]
+    assert "dev_vs_share.png" in {a.path for a in client.list_artifacts(search_run.info.run_id)}
+
+    # A share set by hand is an experiment of its own: mix..register rerun, the search is left as it is.
+    params["mix"]["generalist_share"] = 0.3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = sh(repo, str(BIN / "dvc"), "repro")
+    assert "Stage 'search' didn't change, skipping" in second
+    for stage in ("mix", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in second, stage
+    manifest = json.loads((repo / "mix" / "manifest.json").read_text())
+    assert (manifest["generalist_share"], manifest["share_source"]) == (0.3, "manual")
+    assert json.loads((repo / "search" / "best.json").read_text()) == best
+    registered = json.loads((repo / "register" / "result.json").read_text())
+    assert registered["version"] == 2
+    versions = client.search_model_versions("name = 'mixtune-bbc_news'")
+    assert {v.tags["mixtune.share_source"] for v in versions} == {"auto", "manual"}

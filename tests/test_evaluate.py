@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mixtune import evaluate, train
+from mixtune import evaluate, score, train
 from mixtune import metrics as M
 from mixtune.config import EvaluateConfig, ModelConfig
 
@@ -72,15 +73,15 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
     assert len({len(ex["prompt"][0]["content"]) for ex in examples}) == len(examples)
 
     want = _naive_scores(model, tokenizer, examples)
-    got = evaluate.score_options(model, tokenizer, examples, batch_size=3, prec="fp32")  # 3 batches, last short
+    got = score.score_options(model, tokenizer, examples, batch_size=3, prec="fp32")  # 3 batches, last short
     assert [len(r) for r in got] == [len(ex["options"]) for ex in examples]
     for g, w in zip(got, want):
         assert g == pytest.approx(w, abs=1e-4)
-    one_batch = evaluate.score_options(model, tokenizer, examples, batch_size=16, prec="fp32")
+    one_batch = score.score_options(model, tokenizer, examples, batch_size=16, prec="fp32")
     for g, o in zip(got, one_batch):  # the batch size changes nothing but speed
         assert o == pytest.approx(g, abs=1e-4)
     # predict takes the best-scoring option
-    preds = evaluate.predict(model, tokenizer, examples, section("evaluate", batch_size=2), "fp32")
+    preds = score.predict(model, tokenizer, examples, section("evaluate", batch_size=2), "fp32")
     assert preds == [ex["options"][int(np.argmax(w))] for ex, w in zip(examples, want)]
 
 
@@ -89,18 +90,20 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
-    """A workspace with prepared/, mix/ (20% generalist) and a tiny trained adapter in train/."""
+    """A workspace with prepared/, mix/ (20% generalist), a tiny trained adapter in train/, and the same adapter
+    as the search's pure specialist (so the two must answer alike)."""
     root = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
         uri = use_store(mp, root)
         write_prepared(root)
         make_mix(root)
         metrics = train.run(train_config(max_steps=8), ModelConfig(base=str(tiny_model)), Path("mix"), Path("train"))
+    shutil.copytree(root / "train" / "adapter", root / "search" / "specialist_adapter")
     return root, uri, metrics
 
 
 def _eval_cfg(**kw) -> EvaluateConfig:
-    return section("evaluate", **{"bootstrap": 200, "batch_size": 4, "generalist_sample": 10, **kw})
+    return section("evaluate", **{"bootstrap": 200, "batch_size": 4, **kw})
 
 
 def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
@@ -108,29 +111,36 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
 
     root, uri, train_metrics = trained
     use_store(monkeypatch, root)
-    result = evaluate.run(_eval_cfg(), ModelConfig(base=str(tiny_model)), out=Path("eval"))
+    result = evaluate.run(_eval_cfg(), ModelConfig(base=str(tiny_model)), "auto", out=Path("eval"))
 
     test = read_jsonl(root / "prepared" / "specialist" / "test.jsonl")
     on_disk = json.loads((root / "eval" / "metrics.json").read_text())
-    assert on_disk == result
-    assert result["n"] == len(test) == 12 and result["split"] == "test"
-    for system in ("tuned", "base", "gain"):
-        assert set(result[system]) == {f"{m}{s}" for m in ("accuracy", "macro_f1") for s in ("", "_low", "_high")}
-        for m in ("accuracy", "macro_f1"):
-            assert result[system][f"{m}_low"] <= result[system][m] <= result[system][f"{m}_high"]
-    for m in ("accuracy", "macro_f1"):
-        assert result["gain"][m] == pytest.approx(result["tuned"][m] - result["base"][m])
-    assert result["seconds_per_example"] > 0
+    assert on_disk == {k: v for k, v in result.items() if k not in ("details", "comparison", "forgetting_comparison")}
+    details = json.loads((root / "eval" / "details.json").read_text())
+    trained_model = json.loads((root / "train" / "model.json").read_text())
+    assert details["metric"] == "macro_f1" and details["split"] == "test"  # auto: classification -> macro-F1
+    assert details["model_uri"] == trained_model["model_uri"] and details["train_run_id"] == trained_model["run_id"]
+    assert details["share_source"] == "manual" and result["share"] == 0.2
+    assert result["n"] == len(test) == 12
+    m = result["macro_f1"]
+    assert set(m) == {"tuned", "base", "specialist", "gain", "gain_vs_specialist"}
+    for system in m.values():
+        assert system["low"] <= system["value"] <= system["high"]
+    assert m["gain"]["value"] == pytest.approx(m["tuned"]["value"] - m["base"]["value"])
+    # the pure specialist here is the very same adapter: the same answers, no gain either way
+    assert m["specialist"] == m["tuned"] and m["gain_vs_specialist"] == {"value": 0.0, "low": 0.0, "high": 0.0}
 
-    # predictions.jsonl: one row per example of the split, and the metrics are those of these predictions.
+    # predictions.jsonl: one row per example, every system; the metrics are those of these predictions.
     rows = read_jsonl(root / "eval" / "predictions.jsonl")
-    assert len(rows) == len(test)
     assert [r["id"] for r in rows] == [ex["id"] for ex in test]
     assert [r["gold"] for r in rows] == [ex["completion"] for ex in test]
-    assert all(r["task"] == TASK and r["tuned"] in ex["options"] and r["base"] in ex["options"]
+    assert all(r["task"] == TASK and {r["tuned"], r["base"], r["specialist"]} <= set(ex["options"])
                for r, ex in zip(rows, test))
-    assert result["tuned"]["accuracy"] == pytest.approx(M.accuracy([r["tuned"] for r in rows], [r["gold"] for r in rows]))
-    assert result["base"]["accuracy"] == pytest.approx(M.accuracy([r["base"] for r in rows], [r["gold"] for r in rows]))
+    assert [r["tuned"] for r in rows] == [r["specialist"] for r in rows]
+    gold = [r["gold"] for r in rows]
+    for system in ("tuned", "base"):
+        want = M.macro_f1([r[system] for r in rows], gold, sorted(test[0]["options"]))
+        assert m[system]["value"] == pytest.approx(want)
 
     # confusion.csv: the DVC confusion plot's input, actual vs the tuned model's prediction.
     with open(root / "eval" / "confusion.csv") as f:
@@ -138,33 +148,30 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
         f.seek(0)
         assert [(c["actual"], c["predicted"]) for c in csv.DictReader(f)] == [(r["gold"], r["tuned"]) for r in rows]
 
-    # Held-out generalist questions: sampled from the pool, none of them in the training mix.
-    g = result["generalist"]
-    assert g["n"] == 10
-    assert set(g) == {"n", "tuned_accuracy", "base_accuracy", "forgetting", "forgetting_low", "forgetting_high"}
-    assert g["forgetting"] == pytest.approx(g["base_accuracy"] - g["tuned_accuracy"])
-    assert g["forgetting_low"] <= g["forgetting"] <= g["forgetting_high"]
-    held = evaluate.generalist_sample(root / "prepared", root / "mix", 10, 0)
-    mixed = {ex["id"] for ex in read_jsonl(root / "mix" / "train.jsonl")}
-    assert len(held) == 10 and all(ex["options"] for ex in held) and not {ex["id"] for ex in held} & mixed
-    assert any(ex["source"] == "gen" for ex in read_jsonl(root / "mix" / "train.jsonl"))  # the mix has some
+    # Forgetting: on the held-out generalist probe, which the mix never holds.
+    probe = read_jsonl(root / "prepared" / "generalist_probe.jsonl")
+    f = result["forgetting"]
+    assert f["probe_n"] == len(probe) == 10
+    assert f["tuned"] == f["specialist"] and f["tuned"]["low"] <= f["tuned"]["value"] <= f["tuned"]["high"]
+    assert not {ex["id"] for ex in probe} & {ex["id"] for ex in read_jsonl(root / "mix" / "train.jsonl")}
 
     # The MLflow run, in the same experiment as the train run it evaluated.
     client = MlflowClient(tracking_uri=uri)
     train_run, eval_run = runs(uri)
-    assert train_run.info.run_id == train_metrics["run_id"]
+    assert train_run.info.run_id == trained_model["run_id"]
     assert eval_run.info.status == "FINISHED" and eval_run.info.run_name == "evaluate"
-    assert eval_run.data.tags["mixtune.stage"] == "evaluate"
-    assert eval_run.data.tags["mixtune.train_run_id"] == train_metrics["run_id"]
-    assert eval_run.data.tags["mixtune.split"] == "test"
-    assert eval_run.data.tags["mixtune.mix_sha256"] == train_run.data.tags["mixtune.mix_sha256"]
+    tags = eval_run.data.tags
+    assert tags["mixtune.stage"] == "evaluate" and tags["mixtune.train_run_id"] == trained_model["run_id"]
+    assert tags["mixtune.split"] == "test" and tags["mixtune.metric"] == "macro_f1"
+    assert tags["mixtune.mix_sha256"] == train_run.data.tags["mixtune.mix_sha256"]
+    assert tags["mlflow.note.content"].startswith(f"test macro_f1 {m['tuned']['value']:.3f} [")
     metrics = eval_run.data.metrics
-    for key in ("tuned.accuracy", "tuned.accuracy_low", "tuned.accuracy_high", "base.accuracy", "gain.accuracy",
-                "gain.accuracy_low", "gain.accuracy_high", "tuned.macro_f1", "generalist.forgetting",
-                "seconds_per_example"):
+    for key in ("test.tuned.macro_f1", "test.tuned.macro_f1_low", "test.base.macro_f1", "test.specialist.macro_f1",
+                "test.gain.macro_f1", "test.gain_vs_specialist.macro_f1", f"test.tuned.macro_f1.{TASK}",
+                "forgetting.tuned", "forgetting.specialist", "seconds_per_example"):
         assert key in metrics, key
-    assert metrics["tuned.accuracy"] == pytest.approx(result["tuned"]["accuracy"])
-    assert metrics["gain.accuracy"] == pytest.approx(result["gain"]["accuracy"])
+    assert metrics["test.tuned.macro_f1"] == pytest.approx(m["tuned"]["value"])
+    assert metrics["forgetting.tuned"] == pytest.approx(f["tuned"]["value"])
     assert eval_run.data.params["evaluate.bootstrap"] == "200" and eval_run.data.params["model.base"] == str(tiny_model)
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id)}
     assert {"confusion_matrix.png", "predictions.jsonl"} <= artifacts
@@ -178,9 +185,9 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
 def test_evaluate_generative_split(trained, monkeypatch, tiny_model):
     root, uri, _ = trained
     use_store(monkeypatch, root)
-    write_prepared(root / "gen", generative_test=True)
+    write_prepared(root / "gen", generative_test=True, n_probe=0)
     calls = {"generate": [], "score_options": 0}
-    generate, score_options = evaluate.generate, evaluate.score_options
+    generate, score_options = score.generate, score.score_options
 
     def spy_generate(model, tokenizer, examples, *args, **kw):
         calls["generate"].append([ex["id"] for ex in examples])
@@ -190,39 +197,42 @@ def test_evaluate_generative_split(trained, monkeypatch, tiny_model):
         calls["score_options"] += 1
         return score_options(*args, **kw)
 
-    monkeypatch.setattr(evaluate, "generate", spy_generate)
-    monkeypatch.setattr(evaluate, "score_options", spy_score)
+    monkeypatch.setattr(score, "generate", spy_generate)
+    monkeypatch.setattr(score, "score_options", spy_score)
     out = root / "eval_gen"
-    result = evaluate.run(_eval_cfg(generalist_sample=0, max_new_tokens=4), ModelConfig(base=str(tiny_model)),
+    result = evaluate.run(_eval_cfg(max_new_tokens=4), ModelConfig(base=str(tiny_model)), "auto",
                           prepared=root / "gen" / "prepared", mix=root / "mix", train=root / "train", out=out)
 
     test = read_jsonl(root / "gen" / "prepared" / "specialist" / "test.jsonl")
     ids = [ex["id"] for ex in test]
     assert all(ex["options"] is None for ex in test)
-    assert calls["generate"] == [ids, ids]  # tuned, then base (adapter disabled)
+    assert calls["generate"] == [ids, ids, ids]  # tuned, base, pure specialist
     assert calls["score_options"] == 0
-    metrics = {f"{m}{s}" for m in ("exact_match", "token_f1", "rouge_l") for s in ("", "_low", "_high")}
-    assert set(result["tuned"]) == set(result["base"]) == set(result["gain"]) == metrics
-    assert "generalist" not in result
+    assert result["details"]["metric"] == "rouge_l" and "forgetting" not in result  # auto: generation -> ROUGE-L
     rows = read_jsonl(out / "predictions.jsonl")
     assert len(rows) == len(test) == result["n"]
-    assert all(isinstance(r["tuned"], str) and isinstance(r["base"], str) for r in rows)
     for system in ("tuned", "base"):
         pred, gold = [r[system] for r in rows], [r["gold"] for r in rows]
-        assert result[system]["exact_match"] == pytest.approx(np.mean([M.exact_match(p, g) for p, g in zip(pred, gold)]))
-        assert result[system]["token_f1"] == pytest.approx(np.mean([M.token_f1(p, g) for p, g in zip(pred, gold)]))
-        assert result[system]["rouge_l"] == pytest.approx(np.mean([M.rouge_l(p, g) for p, g in zip(pred, gold)]))
+        want = np.mean([M.rouge_l(p, g) for p, g in zip(pred, gold)])
+        assert result["rouge_l"][system]["value"] == pytest.approx(want)
     assert not (out / "confusion.csv").exists()  # no labels, no confusion matrix
     assert runs(uri)[-1].info.status == "FINISHED"
-    assert "tuned.rouge_l" in runs(uri)[-1].data.metrics
+    assert "test.tuned.rouge_l" in runs(uri)[-1].data.metrics
+
+    # Another metric asked for by name: the same predictions, judged by exact match.
+    em = evaluate.run(_eval_cfg(max_new_tokens=4), ModelConfig(base=str(tiny_model)), "exact_match",
+                      prepared=root / "gen" / "prepared", mix=root / "mix", train=root / "train", out=root / "em")
+    pred = [r["tuned"] for r in read_jsonl(root / "em" / "predictions.jsonl")]
+    assert em["exact_match"]["tuned"]["value"] == pytest.approx(np.mean([M.exact_match(p, ex["completion"])
+                                                                         for p, ex in zip(pred, test)]))
 
 
 def test_evaluate_dev_split_and_max_examples(trained, monkeypatch, tiny_model):
     root, uri, _ = trained
     use_store(monkeypatch, root)
-    result = evaluate.run(_eval_cfg(split="dev", max_examples=5, generalist_sample=0), ModelConfig(base=str(tiny_model)),
+    result = evaluate.run(_eval_cfg(split="dev", max_examples=5), ModelConfig(base=str(tiny_model)), "accuracy",
                           out=Path("eval_dev"))
-    assert result["split"] == "dev" and result["n"] == 5
+    assert result["details"]["split"] == "dev" and result["n"] == 5 and "accuracy" in result
     rows = read_jsonl(root / "eval_dev" / "predictions.jsonl")
     assert [r["id"] for r in rows] == [ex["id"] for ex in read_jsonl(root / "prepared" / "specialist" / "dev.jsonl")[:5]]
     assert runs(uri)[-1].data.tags["mixtune.split"] == "dev"

@@ -212,7 +212,7 @@ def test_a_cache_key_changes_with_a_comment_in_any_module_it_can_import(tmp_path
     (src / "mixtune" / "register.py").write_text((src / "mixtune" / "register.py").read_text() + "# a note\n")
     assert {m: _fingerprint(src, m) for m in before} == before  # neither search nor study imports register
 
-    (src / "mixtune" / "evaluate.py").write_text((src / "mixtune" / "evaluate.py").read_text() + "# a note\n")
+    (src / "mixtune" / "score.py").write_text((src / "mixtune" / "score.py").read_text() + "# a note\n")
     after = {m: _fingerprint(src, m) for m in before}
     assert after["mixtune.search"] != before["mixtune.search"]
     assert after["mixtune.study"] != before["mixtune.study"]
@@ -223,7 +223,7 @@ def test_the_readmes_rerun_table_is_the_one_derived_from_dvc_yaml():
     assert table in (REPO / "README.md").read_text(), f"README.md: replace the table by (python -m mixtune.lineage):\n{table}"
     rows = lineage.reruns(REPO)
     # what the README promises in words
-    assert rows["`mix.generalist_share`, `mix.corrupt_generalist`"] == ["mix", "train", "evaluate"]
-    assert next(v for k, v in rows.items() if "`evaluate.py`" in k) == ["evaluate", "search", "register", "study-prepare",
-                                                                        "study-run", "study-report"]
+    assert rows["`mix.generalist_share`, `mix.corrupt_generalist`"] == ["mix", "train", "evaluate", "register"]
+    assert next(v for k, v in rows.items() if "`score.py`" in k) == ["search", "mix", "train", "evaluate", "register",
+                                                                     "study-prepare", "study-run", "study-report"]
     assert next(v for k, v in rows.items() if "`register.py`" in k) == ["register"]

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from mixtune import metrics as M
-from conftest import section
-from mixtune.evaluate import label_from_text, summarize
+from mixtune import score
+from mixtune.errors import MixtuneError
+from mixtune.score import label_from_text
 
 
 # --- classification -------------------------------------------------------------------------------------------
@@ -132,57 +133,102 @@ def test_bootstrap_of_a_constant_is_a_point():
 
 
 def _examples(gold: list[str], options=("x", "y")) -> list[dict]:
-    return [{"id": f"t/{i}", "completion": g, "options": list(options) if options else None}
+    return [{"id": f"t/{i}", "task": "t", "completion": g, "options": list(options) if options else None}
             for i, g in enumerate(gold)]
 
 
-def test_summarize_paired_gain_classification():
+def _cmp(examples, systems, metric, resamples=500, gains=()):
+    return score.compare(score.Scorer(examples, metric), systems, resamples, 0, gains=gains)
+
+
+def test_compare_paired_gain_classification():
     gold = ["x", "y"] * 10  # 20 examples
     # tuned is right on the first 16, base on the first 6 only (a subset of tuned's): gain = 10/20 on every
     # example pair, so the paired interval never goes below 0.
     flip = {"x": "y", "y": "x"}
     tuned = [g if i < 16 else flip[g] for i, g in enumerate(gold)]
     base = [g if i < 6 else flip[g] for i, g in enumerate(gold)]
-    cfg = section("evaluate", bootstrap=500, seed=0)
-    out = summarize(_examples(gold), tuned, base, cfg)
-    assert out["n"] == 20
-    assert out["tuned"]["accuracy"] == pytest.approx(0.8)
-    assert out["base"]["accuracy"] == pytest.approx(0.3)
-    assert out["gain"]["accuracy"] == pytest.approx(0.5)
-    # macro F1 by hand. tuned: x tp 8, fn 2, fp 2 -> 16/20; y the same -> 0.8
-    assert out["tuned"]["macro_f1"] == pytest.approx(0.8)
-    # base: x tp 3, fn 7, fp 7 -> 6/20; y the same -> 0.3
-    assert out["base"]["macro_f1"] == pytest.approx(0.3)
-    assert out["gain"]["macro_f1"] == pytest.approx(0.5)
-    for system in ("tuned", "base", "gain"):
-        for name in ("accuracy", "macro_f1"):
-            assert out[system][f"{name}_low"] <= out[system][name] <= out[system][f"{name}_high"]
-    assert 0.0 <= out["gain"]["accuracy_low"] < 0.5 < out["gain"]["accuracy_high"] <= 1.0
-    # deterministic for a seed
-    assert summarize(_examples(gold), tuned, base, cfg) == out
+    for metric in ("accuracy", "macro_f1"):
+        out = _cmp(_examples(gold), {"tuned": tuned, "base": base}, metric, gains=(("tuned", "base"),))
+        assert out["n"] == 20 and out["metric"] == metric
+        # accuracy 0.8 / 0.3; macro F1 by hand: tuned x tp 8, fn 2, fp 2 -> 16/20, y the same -> 0.8; base 0.3
+        assert out["tuned"]["value"] == pytest.approx(0.8) and out["base"]["value"] == pytest.approx(0.3)
+        assert out["tuned-base"]["value"] == pytest.approx(0.5)
+        for system in ("tuned", "base", "tuned-base"):
+            assert out[system]["low"] <= out[system]["value"] <= out[system]["high"]
+        assert 0.0 <= out["tuned-base"]["low"] < 0.5 < out["tuned-base"]["high"] <= 1.0
+        # deterministic for a seed
+        assert _cmp(_examples(gold), {"tuned": tuned, "base": base}, metric, gains=(("tuned", "base"),)) == out
 
 
-def test_summarize_equal_systems_have_zero_gain():
+def test_equal_systems_have_zero_gain():
     gold = ["x", "y", "x", "x", "y"]
     pred = ["x", "x", "x", "y", "y"]
-    out = summarize(_examples(gold), pred, pred, section("evaluate", bootstrap=100))
-    assert out["gain"] == {"accuracy": 0.0, "accuracy_low": 0.0, "accuracy_high": 0.0,
-                           "macro_f1": 0.0, "macro_f1_low": 0.0, "macro_f1_high": 0.0}
+    out = _cmp(_examples(gold), {"a": pred, "b": list(pred)}, "macro_f1", 100, gains=(("a", "b"),))
+    assert out["a-b"] == {"value": 0.0, "low": 0.0, "high": 0.0}
 
 
-def test_summarize_generative():
+def test_generative_metrics():
     gold = ["the quick fox", "red apple", "blue sky", "big cat"]
     tuned = ["Quick fox!", "red apple", "blue", "dog"]  # EM 1,1,0,0; F1 1,1,2/3,0
     base = ["slow fox", "green", "sky blue", "big"]       # EM 0,0,0,0; F1 1/2,0,1,2/3
-    out = summarize(_examples(gold, options=None), tuned, base, section("evaluate", bootstrap=200))
-    assert set(out["tuned"]) == {f"{m}{s}" for m in ("exact_match", "token_f1", "rouge_l") for s in ("", "_low", "_high")}
-    assert out["tuned"]["exact_match"] == pytest.approx(0.5)
-    assert out["base"]["exact_match"] == 0.0
-    assert out["gain"]["exact_match"] == pytest.approx(0.5)
-    assert out["tuned"]["token_f1"] == pytest.approx((1 + 1 + 2 / 3 + 0) / 4)
-    assert out["base"]["token_f1"] == pytest.approx((1 / 2 + 0 + 1 + 2 / 3) / 4)
-    assert out["gain"]["token_f1"] == pytest.approx(out["tuned"]["token_f1"] - out["base"]["token_f1"])
-    assert out["tuned"]["rouge_l"] == pytest.approx(np.mean([M.rouge_l(p, g) for p, g in zip(tuned, gold)]))
+    ex = _examples(gold, options=None)
+    em = _cmp(ex, {"tuned": tuned, "base": base}, "exact_match", 200, gains=(("tuned", "base"),))
+    assert (em["tuned"]["value"], em["base"]["value"], em["tuned-base"]["value"]) == (0.5, 0.0, 0.5)
+    f1 = _cmp(ex, {"tuned": tuned, "base": base}, "token_f1", 200)
+    assert f1["tuned"]["value"] == pytest.approx((1 + 1 + 2 / 3 + 0) / 4)
+    assert f1["base"]["value"] == pytest.approx((1 / 2 + 0 + 1 + 2 / 3) / 4)
+    rl = _cmp(ex, {"tuned": tuned}, "rouge_l", 200)
+    assert rl["tuned"]["value"] == pytest.approx(np.mean([M.rouge_l(p, g) for p, g in zip(tuned, gold)]))
+
+
+def test_the_fast_macro_f1_is_metrics_macro_f1():
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    gold = list(rng.choice(labels, 300, p=[0.6, 0.2, 0.15, 0.05]))
+    pred = list(rng.choice(labels + ["not a label"], 300))
+    scorer = score.Scorer(_examples(gold, options=labels), "macro_f1")
+    for idx in (np.arange(300), rng.integers(0, 300, 300)):
+        want = M.macro_f1([pred[i] for i in idx], [gold[i] for i in idx], labels)
+        assert scorer.value(scorer.encode(pred), idx)[0] == pytest.approx(want)
+
+
+def test_auto_metric_is_the_tasks_own():
+    assert score.metric_name("auto", _examples(["x", "y"], options=("x", "y"))) == "macro_f1"
+    mc = [{**e, "options": o} for e, o in zip(_examples(["x", "p"]), (["x", "y"], ["p", "q", "r"]))]
+    assert score.metric_name("auto", mc) == "accuracy"
+    assert score.metric_name("auto", _examples(["free text"], options=None)) == "rouge_l"
+    assert score.metric_name("token_f1", _examples(["x"], options=("x", "y"))) == "token_f1"
+    with pytest.raises(MixtuneError, match="search.metric=macro_f1: needs options"):
+        score.metric_name("macro_f1", _examples(["free text"], options=None))
+
+
+def test_macro_f1_prefers_the_system_that_sees_the_minority_classes():
+    """A planted majority-class answerer (the base model's habit on an imbalanced task) wins on accuracy and
+    loses on macro-F1: the metric decides which adapter the search picks."""
+    gold = ["joy"] * 6 + ["anger"] * 2 + ["fear"] * 2
+    majority = ["joy"] * 10                                           # accuracy 0.6
+    balanced = ["joy"] * 3 + ["anger"] * 3 + ["anger", "fear", "fear", "joy"]  # accuracy 0.5
+    ex = _examples(gold, options=("joy", "anger", "fear"))
+    acc = _cmp(ex, {"majority": majority, "balanced": balanced}, "accuracy", 100)
+    f1 = _cmp(ex, {"majority": majority, "balanced": balanced}, "macro_f1", 100)
+    assert (acc["majority"]["value"], acc["balanced"]["value"]) == (pytest.approx(0.6), pytest.approx(0.5))
+    assert f1["majority"]["value"] == pytest.approx(0.75 / 3)  # joy 2*6/(12+4)=0.75, anger 0, fear 0
+    # balanced: joy tp 3 fp 1 fn 3 -> 6/10; anger tp 1 fp 3 fn 1 -> 2/6; fear tp 1 fp 1 fn 1 -> 2/4
+    assert f1["balanced"]["value"] == pytest.approx((0.6 + 2 / 6 + 0.5) / 3)
+    assert f1["balanced"]["value"] > f1["majority"]["value"]
+
+
+def test_a_scenario_is_the_mean_of_its_tasks():
+    """Two tasks of different sizes: the scenario score is the unweighted mean of each task's own score."""
+    ex = [{**e, "task": "short"} for e in _examples(["a", "b", "a", "b"], options=("a", "b"))]
+    ex += [{**e, "id": f"u/{i}", "task": "long"} for i, e in enumerate(_examples(["c"] * 8 + ["d"] * 4,
+                                                                                options=("c", "d")))]
+    pred = ["a", "b", "a", "a"] + ["c"] * 12     # short: 3/4 right; long: 8/12 right
+    out = _cmp(ex, {"tuned": pred}, "accuracy", 100)
+    assert out["tuned"]["per_task"] == {"short": 0.75, "long": pytest.approx(8 / 12)}
+    assert out["tuned"]["value"] == pytest.approx((0.75 + 8 / 12) / 2)  # not 11/16, the pooled accuracy
+    assert out["tasks"] == ["long", "short"]
 
 
 # --- generated text to a label -------------------------------------------------------------------------------

@@ -53,11 +53,9 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     pipeline = {"stages": {name: stages[name] for name in DATA_STAGES}}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    outs = {str(o if isinstance(o, str) else next(iter(o))) for s in pipeline["stages"].values()
-            for o in s.get("outs", []) + s.get("metrics", [])}
     for stage in pipeline["stages"].values():  # code deps (src/mixtune/*.py) must exist for DVC to hash them
         for dep in stage.get("deps", []):
-            if dep == "data" or any(dep == o or dep.startswith(o + "/") for o in outs):
+            if not dep.startswith("src/"):  # data, the other stage's outputs, the search's answer
                 continue
             src, dst = REPO / dep, repo / dep
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +64,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     params = {
         "prepare": {
             "seed": 0, "dev_fraction": 0.1, "test_fraction": 0.1, "decontaminate_ngram": 13,
-            "generalist_max_chars": 2000,
+            "generalist_max_chars": 2000, "generalist_probe": 20,
             "specialist": [{
                 "name": "bbc_news", "kind": "file", "path": "data/specialist/bbc_news.jsonl",
                 "format": "classification", "columns": {"text": "text", "label": "label"},
@@ -79,6 +77,9 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
         "mix": {"specialist_size": 200, "generalist_share": 0.0, "seed": 0, "corrupt_generalist": 0.0},
     }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The search's answer, as `mix.generalist_share: auto` reads it (the search stage itself is tested elsewhere).
+    (repo / "search").mkdir()
+    (repo / "search" / "best.json").write_text(json.dumps({"size": 200, "recommended_share": 0.25}))
 
     sh(repo, "git", "init", "-q")
     sh(repo, str(BIN / "dvc"), "init", "-q")
@@ -95,8 +96,13 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     gen = stats["generalist"]["bigbench"]
     assert 0 < gen["read"] <= 40 * N_TASKS and gen["target_task_removed"] == 0
     assert stats["generalist_pool"] == (gen["read"] - gen["too_long_removed"] - stats["generalist_duplicates_removed"]
-                                        - stats["decontaminated"])
+                                        - stats["decontaminated"] - stats["generalist_probe"])
     assert count_lines(repo / "prepared" / "generalist.jsonl") == stats["generalist_pool"]
+    # The probe: multiple-choice pool questions set aside, never in the pool the mix draws from.
+    probe = [json.loads(line) for line in open(repo / "prepared" / "generalist_probe.jsonl")]
+    assert len(probe) == stats["generalist_probe"] == 20 and all(ex["options"] for ex in probe)
+    pool_ids = {json.loads(line)["id"] for line in open(repo / "prepared" / "generalist.jsonl")}
+    assert not pool_ids & {ex["id"] for ex in probe}
     pool_tasks = {json.loads(line)["task"] for line in open(repo / "prepared" / "generalist.jsonl")}
     # every pool task is one of the subset's; a task whose examples are all too long drops out
     assert pool_tasks and pool_tasks <= set(tasks) and stats["generalist_tasks"] == len(pool_tasks)
@@ -114,6 +120,13 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     manifest = json.loads((repo / "mix" / "manifest.json").read_text())
     assert manifest["total"] == 250 and manifest["by_source"] == {"bbc_news": 200, "bigbench": 50}
     assert "up to date" in sh(repo, str(BIN / "dvc"), "status")
+
+    # auto: the share the search recommends (search/best.json), recorded as such.
+    params["mix"]["generalist_share"] = "auto"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert "Running stage 'mix'" in sh(repo, str(BIN / "dvc"), "repro")
+    manifest = json.loads((repo / "mix" / "manifest.json").read_text())
+    assert (manifest["generalist_share"], manifest["share_source"], manifest["generalist_size"]) == (0.25, "auto", 67)
 
     # A comment in a module only `mix` imports: `mix` is stale, `prepare` is not; the code it shares is both's.
     with open(repo / "src" / "mixtune" / "mix.py", "a") as f:

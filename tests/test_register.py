@@ -1,5 +1,6 @@
-"""register, promote, predict and a served model, on one tiny search (run once, copied per test). Test scores
-are set by replacing evaluate.predict where a test needs a better or worse candidate."""
+"""register, promote, predict and a served model, after one tiny search -> mix (auto) -> train -> evaluate (run
+once, copied per test). Register reads what evaluate wrote; a test that needs a better or worse candidate writes
+evaluate's outputs for another real trial adapter (its logged model), with the test answers it wants."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import search_project as sp
+from mixtune.files import read_jsonl, write_json, write_jsonl
 
 NAME = f"mixtune-{sp.TASK}"
 SEARCH = {"n_trials": 2, "sizes": [16, 40]}
@@ -20,17 +22,20 @@ TRIALS = [(size, n) for size in SEARCH["sizes"] for n in range(2)]
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, tiny_model) -> Path:
-    """A project after a search at two sizes (two studies of two baselines each: four different mixes, four
-    adapters), with its MLflow store."""
-    from mixtune import search
+    """A project after the whole chain: a search at two sizes (two studies of two baselines each: four mixes,
+    four adapters), the final adapter trained at the recommended share and evaluated, all in its MLflow store."""
+    from mixtune import evaluate, mix, search, train
 
     root = tmp_path_factory.mktemp("searched")
-    sp.make_project(root, tiny_model, search=SEARCH)
+    sp.make_project(root, tiny_model, search=SEARCH, mix={"generalist_share": "auto"})
     (root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         search.run(*sp.search_sections(root))
+        mix.run(sp.load(root, "mix"))
+        train.run(sp.load(root, "train"), sp.load(root, "model"))
+        evaluate.run(sp.load(root, "evaluate"), sp.load(root, "model"), "auto")
     return root
 
 
@@ -57,31 +62,23 @@ def alias(name: str) -> str:
     return str(client().get_model_version_by_alias(NAME, name).version)
 
 
-def score_as(monkeypatch, correct: int) -> None:
-    """evaluate.predict answers the first `correct` test examples right and the rest wrong."""
-    def predict(model, tokenizer, examples, cfg, prec):
-        return [ex["completion"] if i < correct else next(o for o in ex["options"] if o != ex["completion"])
-                for i, ex in enumerate(examples)]
-
-    monkeypatch.setattr("mixtune.evaluate.predict", predict)
-
-
-def others(root: Path) -> list[tuple[int, int]]:
-    """(size, trial) of the trials that did not win."""
-    best = json.loads((root / "search" / "best.json").read_text())
-    return [t for t in TRIALS if t != (best["size"], best["trial"])]
-
-
-def use_trial(root: Path, size_trial: tuple[int, int]) -> None:
-    """search/ as if this trial had won: its adapter and its best.json entries."""
+def evaluated_as(root: Path, size_trial: tuple[int, int], correct: int, n: int = 12) -> None:
+    """train/ and eval/ as if this trial's adapter were the final one and evaluate had found its first `correct`
+    of the first `n` test examples right (accuracy)."""
     size, number = size_trial
     t = sp.study(root, size=size).trials[number]
-    shutil.rmtree(root / "search" / "adapter")
-    shutil.copytree(t.user_attrs["adapter"], root / "search" / "adapter")
-    best = json.loads((root / "search" / "best.json").read_text())
-    best.update(size=size, trial=number, run_id=t.user_attrs["mlflow_run_id"], model_uri=t.user_attrs["model_uri"],
-                mix_sha256=t.user_attrs["mix_sha256"], generalist_share=t.params["generalist_share"])
-    (root / "search" / "best.json").write_text(json.dumps(best))
+    shutil.rmtree(root / "train" / "adapter")
+    shutil.copytree(t.user_attrs["adapter"], root / "train" / "adapter")
+    test = read_jsonl(root / "prepared" / "specialist" / "test.jsonl")[:n]
+    write_jsonl(root / "eval" / "predictions.jsonl", [
+        {"id": ex["id"], "task": ex["task"], "gold": ex["completion"],
+         "tuned": ex["completion"] if i < correct else next(o for o in ex["options"] if o != ex["completion"])}
+        for i, ex in enumerate(test)])
+    details = json.loads((root / "eval" / "details.json").read_text())
+    write_json(root / "eval" / "details.json", {**details, "metric": "accuracy", "model_uri": t.user_attrs["model_uri"],
+                                                "train_run_id": t.user_attrs["mlflow_run_id"], "share_source": "manual"})
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    write_json(root / "eval" / "metrics.json", {**metrics, "share": t.params["generalist_share"]})
 
 
 def one_line(err: str, *fragments: str) -> str:
@@ -93,8 +90,14 @@ def one_line(err: str, *fragments: str) -> str:
     return lines[0]
 
 
-def test_first_version_is_champion_and_the_same_inputs_twice_make_no_duplicate(project, cli):
-    best = json.loads((project / "search" / "best.json").read_text())
+def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(project, cli, monkeypatch):
+    def no_model(*a, **kw):
+        raise AssertionError("register loaded a model: it must take evaluate's answers")
+
+    monkeypatch.setattr("mixtune.model.load_base", no_model)
+    details = json.loads((project / "eval" / "details.json").read_text())
+    measured = json.loads((project / "eval" / "metrics.json").read_text())
+    trained = json.loads((project / "train" / "model.json").read_text())
     rc, out, err = cli("register")
     assert rc == 0, err
     result = json.loads((project / "register" / "result.json").read_text())
@@ -102,20 +105,24 @@ def test_first_version_is_champion_and_the_same_inputs_twice_make_no_duplicate(p
     assert f"{NAME} version 1: first version" in out
     assert alias("champion") == "1" and alias("candidate") == "1"
     tags = versions()["1"]
+    # evaluate's test score, by evaluate's metric (auto: macro-F1 for this classification task), not a second pass
+    assert details["metric"] == "macro_f1" and tags["mixtune.test_metric"] == "macro_f1"
+    assert result["test_score"] == pytest.approx(measured["macro_f1"]["tuned"]["value"])
     assert float(tags["mixtune.test_score"]) == result["test_score"]
     assert float(tags["mixtune.test_low"]) <= result["test_score"] <= float(tags["mixtune.test_high"])
-    assert tags["mixtune.test_metric"] == "accuracy" and tags["mixtune.test_n"] == "12"
-    assert tags["mixtune.data_md5"] == "0123456789abcdef0123456789abcdef.dir"
-    assert tags["mixtune.mix_sha256"] == best["mix_sha256"] and tags["mixtune.source_run_id"] == best["run_id"]
+    assert tags["mixtune.test_n"] == "12" and tags["mixtune.data_md5"] == "0123456789abcdef0123456789abcdef.dir"
+    # the share, how it was chosen, and the forgetting travel with the version
+    assert float(tags["mixtune.generalist_share"]) == measured["share"] and tags["mixtune.share_source"] == "auto"
+    assert float(tags["mixtune.forgetting"]) == pytest.approx(measured["forgetting"]["tuned"]["value"])
     assert tags["mixtune.decision"] == "promoted" and tags["mixtune.reason"] == "first version: no champion yet"
     assert tags["mixtune.champion_version"] == "" and tags["mixtune.champion_score"] == ""
     v = client().get_model_version(NAME, "1")
-    assert (v.source, v.run_id) == (best["model_uri"], best["run_id"])  # the best trial's logged model
+    assert (v.source, v.run_id) == (trained["model_uri"], trained["run_id"])  # the final adapter, as train logged it
     # The test predictions, kept with the register run: the next candidate's gain is paired on them.
     from mlflow.artifacts import load_dict
 
     preds = load_dict(f"runs:/{tags['mixtune.register_run_id']}/test_predictions.json")
-    assert len(preds["predictions"]) == 12
+    assert preds["predictions"] == [r["tuned"] for r in read_jsonl(project / "eval" / "predictions.jsonl")]
 
     rc, out, err = cli("register")
     assert rc == 0, err
@@ -124,14 +131,12 @@ def test_first_version_is_champion_and_the_same_inputs_twice_make_no_duplicate(p
     assert list(versions()) == ["1"] and alias("champion") == "1"
 
 
-def test_champion_moves_only_for_a_candidate_that_beats_it(project, cli, monkeypatch, tiny_model):
-    other = others(project)
-    score_as(monkeypatch, 6)  # 0.5
+def test_champion_moves_only_for_a_candidate_that_beats_it(project, cli, tiny_model):
+    evaluated_as(project, TRIALS[0], 6)  # 0.5
     assert cli("register")[0] == 0
     assert alias("champion") == "1"
 
-    use_trial(project, other[0])
-    score_as(monkeypatch, 3)  # 0.25: worse
+    evaluated_as(project, TRIALS[1], 3)  # 0.25: worse
     rc, out, err = cli("register")
     assert rc == 0, err
     assert alias("candidate") == "2" and alias("champion") == "1"
@@ -140,15 +145,13 @@ def test_champion_moves_only_for_a_candidate_that_beats_it(project, cli, monkeyp
     assert tags["mixtune.test_score"] == "0.25" and tags["mixtune.champion_score"] == "0.5"
     assert tags["mixtune.reason"].startswith("kept champion: accuracy 0.250 vs champion v1 0.500: gain -0.250 [")
 
-    use_trial(project, other[1])
-    score_as(monkeypatch, 7)  # better by one example: the paired interval reaches 0
+    evaluated_as(project, TRIALS[2], 7)  # better by one example: the paired interval reaches 0
     sp.write_params(project, tiny_model, search=SEARCH, register={"require_interval": True})
     assert cli("register")[0] == 0
     assert alias("candidate") == "3" and alias("champion") == "1"
     assert "the interval does not lie above 0" in versions()["3"]["mixtune.reason"]
 
-    use_trial(project, other[2])
-    score_as(monkeypatch, 12)  # 1.0
+    evaluated_as(project, TRIALS[3], 12)  # 1.0
     assert cli("register")[0] == 0
     assert alias("candidate") == "4" and alias("champion") == "4"
     result = json.loads((project / "register" / "result.json").read_text())
@@ -157,22 +160,19 @@ def test_champion_moves_only_for_a_candidate_that_beats_it(project, cli, monkeyp
     assert sorted(versions()) == ["1", "2", "3", "4"]  # never deleted
 
 
-def test_a_champion_scored_on_other_test_examples_is_kept(project, cli, monkeypatch, tiny_model):
-    score_as(monkeypatch, 6)
+def test_a_champion_scored_on_other_test_examples_is_kept(project, cli):
+    evaluated_as(project, TRIALS[0], 6)
     assert cli("register")[0] == 0
-    use_trial(project, others(project)[0])
-    score_as(monkeypatch, 10)
-    sp.write_params(project, tiny_model, search=SEARCH, evaluate={"max_examples": 10})  # not the same examples
+    evaluated_as(project, TRIALS[1], 10, n=10)  # evaluate.max_examples=10: not the same examples
     assert cli("register")[0] == 0
     assert alias("candidate") == "2" and alias("champion") == "1"
     assert versions()["2"]["mixtune.reason"].startswith("kept champion v1: it was scored on other test examples")
 
 
-def test_promote_by_hand_and_roll_back(project, cli, monkeypatch):
-    score_as(monkeypatch, 12)
+def test_promote_by_hand_and_roll_back(project, cli):
+    evaluated_as(project, TRIALS[0], 12)
     cli("register")
-    use_trial(project, others(project)[0])
-    score_as(monkeypatch, 0)
+    evaluated_as(project, TRIALS[1], 0)
     cli("register")
     assert alias("champion") == "1"
 
@@ -196,7 +196,7 @@ def test_unreachable_store_is_one_line_and_changes_nothing(project, cli, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    use_trial(project, others(project)[0])
+    evaluated_as(project, TRIALS[0], 5)
     rc, out, err = cli("register")
     assert rc == 1 and out == ""
     one_line(err, f"mixtune register: error: MLflow store {closed}: ")

@@ -56,7 +56,8 @@ def test_the_study_is_no_dvc_output():
             for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])]
     journal = "search/optuna.journal"
     assert not [o for o in outs if journal == o or journal.startswith(o.rstrip("/") + "/")]
-    assert {"search/adapter", "search/best.json", "search/trials.csv", "register/result.json"} <= set(outs)
+    assert {"search/specialist_adapter", "search/best.json", "search/metrics.json", "search/trials.csv",
+            "register/result.json"} <= set(outs)
 
 
 def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, tiny_model):
@@ -66,46 +67,59 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
     assert [t.params["generalist_share"] for t in trials[:2]] == BASELINES  # the baselines, in this order
     assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE"}
     assert 0 < trials[2].params["generalist_share"] <= 0.75
+    assert len(study.user_attrs["base_probe"]) == 8  # the base model's answers to the probe, once per study
     for t in trials:
-        assert set(t.user_attrs) >= {"dev_metric", "dev_low", "dev_high", "dev_correct", "trained_tokens",
+        assert set(t.user_attrs) >= {"dev_metric", "dev_low", "dev_high", "dev_predictions", "probe", "trained_tokens",
                                      "mlflow_run_id", "worker", "model_uri", "adapter"}
         assert t.user_attrs["dev_low"] <= t.value == t.user_attrs["dev_metric"] <= t.user_attrs["dev_high"]
-        assert len(t.user_attrs["dev_correct"]) == 12  # every dev example, scored
+        assert len(t.user_attrs["dev_predictions"]) == 12  # every dev example, scored
+        assert len(t.user_attrs["probe"]) == 8  # the same 8 held-out generalist questions for every trial
         assert (Path(t.user_attrs["adapter"]) / "adapter_config.json").is_file()
+        dev = [json.loads(line) for line in open(project / "prepared" / "specialist" / "dev.jsonl")]
+        want = M.macro_f1(t.user_attrs["dev_predictions"], [ex["completion"] for ex in dev], sp.LABELS)
+        assert t.value == pytest.approx(want)  # auto: classification is judged by macro-F1
 
-    # Outputs
-    assert best["size"] == 16 and best["metric"] == "accuracy" and best["tasks"] == [sp.TASK]
-    winner = max(trials, key=lambda t: (t.value, -t.params["generalist_share"]))
-    assert best["trial"] == winner.number and best["generalist_share"] == winner.params["generalist_share"]
-    assert best["run_id"] == winner.user_attrs["mlflow_run_id"]
+    # Outputs: one answer, for the size the final adapter is trained at.
+    assert best["size"] == 16 and best["metric"] == "macro_f1" and best["tasks"] == [sp.TASK]
+    assert best["specialist_trial"] == 0 and best["how"] in ("fit", "best trial")
+    share = best["recommended_share"]
     assert best["answer"].startswith(f"For {sp.TASK} at 16 examples, ")
-    # Three shares: the answer also gives the mixing law's best share, the fit the study's report uses.
-    fit = M.fit_share([t.params["generalist_share"] for t in trials],
-                      np.array([[[float(c) for c in t.user_attrs["dev_correct"]]] for t in trials]), 0.75, 100, 0)
-    assert best["fit"] == fit and best["answer"].endswith(
-        f"The mixing law fitted to the 3 trials (quadratic in the share) puts the best share at "
-        f"r={fit['share']:.2f} [{fit['share_low']:.2f}, {fit['share_high']:.2f}].")
+    if share > 0:
+        assert f"use a generalist share of r={share:.2f}, from " in best["answer"]
+        assert best["dev_gain_low"] > 0
+    else:
+        assert "generalist data does not help here: use r=0 (the pure specialist" in best["answer"]
+    assert "Held-out generalist accuracy lost against the base model: " in best["answer"]
+    assert best["answers"] == [best["answer"]]
+    assert "fit" in best and {"share", "share_low", "share_high", "concave", "gain"} <= set(best["fit"])
     assert best["trials"] == {"complete": 3, "pruned": 0, "fail": 0}
     assert best["trained_tokens_total"] == sum(t.user_attrs["trained_tokens"] for t in trials) > 0
-    assert (project / "search" / "adapter" / "adapter_config.json").is_file()
+    assert (project / "search" / "specialist_adapter" / "adapter_config.json").is_file()
     assert json.loads((project / "search" / "best.json").read_text()) == best
+    numbers = json.loads((project / "search" / "metrics.json").read_text())
+    assert numbers["recommended_share"] == share and numbers["trials"] == best["trials"]
     rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
     assert [r["trial"] for r in rows] == ["0", "1", "2"]
-    assert list(rows[0]) == ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "trained_tokens"]
+    assert list(rows[0]) == ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "forgetting",
+                             "trained_tokens"]
     assert [float(r["share"]) for r in rows[:2]] == BASELINES and {r["state"] for r in rows} == {"COMPLETE"}
     assert [float(r["dev_metric"]) for r in rows] == [t.value for t in trials]
+    base_probe = M.from_bits(study.user_attrs["base_probe"]).mean()
+    assert [float(r["forgetting"]) for r in rows] == pytest.approx(
+        [base_probe - M.from_bits(t.user_attrs["probe"]).mean() for t in trials])
 
     # MLflow: one study run, a nested run per trial, the answer as its description
     parent_id = study.user_attrs["mlflow_run_id"]
     parent, nested = runs_of(parent_id)
     assert parent.data.tags["mlflow.note.content"] == best["answer"]
-    assert parent.data.metrics["best.generalist_share"] == best["generalist_share"]
+    assert parent.data.metrics["answer.recommended_share"] == share
     assert sorted(nested) == [0, 1, 2]
     for n, run in nested.items():
         assert run.info.run_id == trials[n].user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
         assert run.data.tags["mixtune.trial_state"] == "COMPLETE"
         assert float(run.data.params["generalist_share"]) == trials[n].params["generalist_share"]
-        assert run.data.metrics["dev.accuracy"] == trials[n].value
+        assert run.data.metrics["dev.macro_f1"] == trials[n].value
+        assert "probe_accuracy" in run.data.metrics
     from mlflow import MlflowClient
 
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
@@ -283,11 +297,11 @@ def test_two_workers_share_one_postgres_study(project, tiny_model, postgres, mon
     assert {n: r.info.run_id for n, r in nested.items()} == {t.number: t.user_attrs["mlflow_run_id"] for t in trials}
 
     # The stage itself finds the study complete, runs nothing and writes the outputs; with the trials' folders
-    # gone (as if they ran on other machines), it takes the best adapter from MLflow.
+    # gone (as if they ran on other machines), it takes the pure specialist's adapter from MLflow.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     shutil.rmtree(project / ".cache" / "search")
     best = search.run(*sp.search_sections(project))
-    assert (project / "search" / "adapter" / "adapter_config.json").is_file()
+    assert (project / "search" / "specialist_adapter" / "adapter_config.json").is_file()
     assert len(sp.study(project, storage).trials) == 4
     assert best["trials"]["complete"] + best["trials"]["pruned"] == 4
 
@@ -315,8 +329,8 @@ def test_search_logs_to_an_mlflow_server(project, tiny_model, mlflow_server, mon
     parent, nested = runs_of(study.user_attrs["mlflow_run_id"], mlflow_server)
     assert sorted(nested) == [0, 1] and parent.data.tags["mlflow.note.content"] == best["answer"]
     assert {a.path for a in MlflowClient(mlflow_server).list_artifacts(parent.info.run_id)} >= {"trials.csv"}
-    model = MlflowClient(mlflow_server).get_logged_model(best["model_uri"].removeprefix("models:/"))
-    assert model.source_run_id == best["run_id"]
+    model = MlflowClient(mlflow_server).get_logged_model(best["specialist_model_uri"].removeprefix("models:/"))
+    assert model.source_run_id == study.trials[best["specialist_trial"]].user_attrs["mlflow_run_id"]
 
 
 # --- never a stale answer -----------------------------------------------------------------------------------
@@ -334,7 +348,7 @@ def _studies(root: Path) -> dict[str, int]:
 
 
 def test_edited_code_starts_a_new_study_and_an_unchanged_rerun_runs_nothing(project, tiny_model):
-    """The package copied into the project is the code that runs; a comment added to its evaluate.py is new
+    """The package copied into the project is the code that runs; a comment added to its score.py is new
     code: the next search measures again under a new study name instead of replaying the old trials."""
     src = project / "src"
     shutil.copytree(REPO / "src" / "mixtune", src / "mixtune")
@@ -351,8 +365,8 @@ def test_edited_code_starts_a_new_study_and_an_unchanged_rerun_runs_nothing(proj
     assert _studies(project) == {first: 2}
     assert search_in_copy() == first and _studies(project) == {first: 2}  # unchanged: nothing runs again
 
-    evaluate_py = src / "mixtune" / "evaluate.py"
-    evaluate_py.write_text(evaluate_py.read_text() + "# an edit\n")
+    score_py = src / "mixtune" / "score.py"
+    score_py.write_text(score_py.read_text() + "# an edit\n")
     second = search_in_copy()
     assert second != first and _studies(project) == {first: 2, second: 2}  # the old study stays in storage
     from mlflow import MlflowClient
@@ -375,3 +389,108 @@ def test_every_parameter_that_changes_a_score_names_a_new_study(project, tiny_mo
     base = name()
     assert name(search={"n_trials": 7, "timeout": 60}) == base  # more trials continue the same study
     assert name(**{section: {key: value}}) != base
+
+
+# --- one recommendation -------------------------------------------------------------------------------------
+
+
+def _dev(n: int = 200) -> list[dict]:
+    return [{"id": f"d/{i}", "task": sp.TASK, "completion": "ab"[i % 2], "options": ["a", "b"]} for i in range(n)]
+
+
+def _right(dev: list[dict], k: int) -> list[str]:
+    """The first k dev answers right, the rest wrong: accuracy k/n."""
+    return [ex["completion"] if i < k else ("b" if ex["completion"] == "a" else "a") for i, ex in enumerate(dev)]
+
+
+def _study(points: list[tuple[float, int, str]], base_probe: str = "1111111111"):
+    """An in-memory study of completed trials (share, right answers of 200, probe bits), as the search records
+    them; `recommend` reads nothing else."""
+    import optuna
+
+    dev = _dev()
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("specialist_size", 64)
+    study.set_user_attr("tasks", sp.TASK)
+    study.set_user_attr("base_probe", base_probe)
+    dist = {"generalist_share": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    for n, (share, k, probe) in enumerate(points):
+        study.add_trial(optuna.trial.create_trial(
+            params={"generalist_share": share}, distributions=dist, value=k / len(dev),
+            user_attrs={"dev_predictions": _right(dev, k), "probe": probe, "adapter": f"/a/{n}",
+                        "model_uri": f"models:/m-{n}", "trained_tokens": 10}))
+    return study, dev
+
+
+def _recommend(points, metric="accuracy", max_forgetting=None, base_probe="1111111111"):
+    from mixtune import score
+
+    study, dev = _study(points, base_probe)
+    cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5, "max_forgetting": max_forgetting})
+    return search.recommend(study, score.Scorer(dev, metric), cfg, 300)
+
+
+def test_an_unsupported_fit_gives_the_best_trial_and_says_so():
+    # Rising ever faster: the quadratic through three points is convex, its best is an end. No law to trust.
+    r = _recommend([(0.0, 100, "1111100000"), (0.25, 110, "1111100000"), (0.5, 170, "1111100000")])
+    assert r["how"] == "best trial" and r["recommended_share"] == 0.5 and r["best_trial"] == 2
+    assert r["fit"]["concave"] is False
+    assert "use a generalist share of r=0.50, from the best trial (the mixing law does not pin the best share " \
+           "down (the fitted curve has no maximum inside the range)): dev accuracy +0.350 [" in r["answer"]
+    assert r["dev_gain"] == pytest.approx(0.35) and r["dev_gain_low"] > 0
+
+
+def test_a_supported_fit_recommends_the_laws_best_share():
+    # Up, then down: a concave law with its maximum inside, pinned down by 200 examples per trial.
+    r = _recommend([(0.0, 100, "1111100000"), (0.1, 140, "1111110000"), (0.25, 160, "1111111000"),
+                    (0.4, 140, "1111110000"), (0.5, 110, "1111100000")])
+    assert r["how"] == "fit" and r["fit"]["concave"]
+    assert r["recommended_share"] == pytest.approx(r["fit"]["share"]) and 0.1 < r["recommended_share"] < 0.4
+    assert r["answer"].startswith(f"For {sp.TASK} at 64 examples, use a generalist share of "
+                                  f"r={r['recommended_share']:.2f}, from the mixing law fitted to 5 trials (r in [")
+    # forgetting at the fitted share, interpolated between the measured ones, against the pure specialist's
+    assert r["specialist_forgetting"] == pytest.approx(0.5) and r["forgetting"] < 0.5
+    assert f"{r['forgetting']:+.2f} at r={r['recommended_share']:.2f}, +0.50 for the pure specialist." in r["answer"]
+
+
+def test_no_share_beyond_the_interval_recommends_the_pure_specialist():
+    r = _recommend([(0.0, 120, "1111100000"), (0.5, 122, "1111111111")])
+    assert r["recommended_share"] == 0.0 and r["dev_gain"] == 0.0
+    assert "generalist data does not help here: use r=0 (the pure specialist, dev accuracy 0.600)" in r["answer"]
+    assert "the best trial (fewer than 3 shares completed) puts the best share at r=0.50, only +0.010 [" in r["answer"]
+
+
+def test_max_forgetting_leaves_out_the_shares_that_forget_more():
+    points = [(0.0, 100, "1111111000"), (0.25, 150, "1100000000"), (0.5, 130, "1111111100")]
+    free = _recommend(points)
+    assert free["best_trial"] == 1 and free["excluded_by_forgetting"] == []
+    bound = _recommend(points, max_forgetting=0.2)  # share 0.25 forgets 0.5 more than the pure specialist
+    assert bound["excluded_by_forgetting"] == [1] and bound["best_trial"] == 2
+    assert bound["recommended_share"] == 0.5
+    assert bound["answer"].endswith("Left out by search.max_forgetting=0.2: r=0.25.")
+
+
+def test_the_metric_decides_the_recommendation():
+    """On an imbalanced task a majority-class adapter wins by accuracy and loses by macro-F1."""
+    from mixtune import score
+
+    dev = [{"id": f"d/{i}", "task": "emotion", "completion": "joy" if i < 14 else ("anger", "fear")[i % 2],
+            "options": ["anger", "fear", "joy"]} for i in range(20)]
+    majority = ["joy"] * 20  # accuracy 0.70, macro-F1 0.27
+    seeing = [ex["completion"] if i >= 14 else ("joy" if i < 7 else "anger") for i, ex in enumerate(dev)]  # 0.65, 0.68
+    import optuna
+
+    dist = {"generalist_share": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    results = {}
+    for metric in ("accuracy", "macro_f1"):
+        scorer = score.Scorer(dev, metric)
+        study = optuna.create_study(direction="maximize")
+        study.set_user_attr("specialist_size", 64)
+        for n, (share, preds) in enumerate([(0.0, majority), (0.5, seeing)]):
+            study.add_trial(optuna.trial.create_trial(
+                params={"generalist_share": share}, distributions=dist,
+                value=scorer.value(scorer.encode(preds))[0],
+                user_attrs={"dev_predictions": preds, "adapter": f"/a/{n}", "model_uri": f"models:/m-{n}"}))
+        cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5})
+        results[metric] = search.recommend(study, scorer, cfg, 300)["best_trial"]
+    assert results == {"accuracy": 0, "macro_f1": 1}

@@ -140,14 +140,15 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert m["final_loss"] == pytest.approx(losses[-1])
     assert m["train_loss"] == pytest.approx(np.mean(losses), rel=1e-6)  # every interval is 2 steps
     assert m["tokens_per_second"] > 0 and m["train_seconds"] > 0
-    assert re.fullmatch(r"[0-9a-f]{32}", m["run_id"])
+    model = json.loads((tmp_path / "train" / "model.json").read_text())  # what register registers
+    assert re.fullmatch(r"[0-9a-f]{32}", model["run_id"]) and model["model_uri"].startswith("models:/")
     # Done: the checkpoints are gone (the adapter is saved and logged).
     assert not any((tmp_path / ".cache" / "checkpoints").glob("*/checkpoint-*"))
 
     # The MLflow run.
     client = MlflowClient(tracking_uri=uri)
     [run] = runs(uri)
-    assert run.info.run_id == m["run_id"]
+    assert run.info.run_id == model["run_id"]
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == f"mixtune/{TASK}"
     p = run.data.params
@@ -176,6 +177,7 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     # The adapter as an MLflow model of the run: loads and generates without copying the base model.
     [output] = run.outputs.model_outputs
     model_info = mlflow.get_logged_model(output.model_id)
+    assert model["model_uri"] == f"models:/{output.model_id}"
     assert model_info.name == "adapter" and model_info.source_run_id == run.info.run_id
     model_files = {p.name for p in Path(model_info.artifact_location.removeprefix("file://")).rglob("*")}
     assert "MLmodel" in model_files and "adapter_model.safetensors" in model_files
@@ -313,7 +315,8 @@ def test_sigterm_then_sigint_then_resume_matches_an_uninterrupted_run(tmp_path, 
     assert set(steps_b) <= set(steps_a) and steps_a == sorted(steps_a) and steps_a[-1] == RESUME_STEPS
     assert {first, second} <= set(steps_a)  # the interrupted steps were logged before their checkpoint
     assert float(ra[-1]["loss"]) == pytest.approx(float(rb[-1]["loss"]), abs=1e-6)
-    history = MlflowClient(tracking_uri=uri).get_metric_history(ma["run_id"], "loss")
+    run_a = json.loads((a / "train" / "model.json").read_text())["run_id"]
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_a, "loss")
     assert sorted(h.step for h in history) == steps_a
 
 
@@ -348,7 +351,7 @@ def test_missing_adapter_is_one_line(tmp_path, monkeypatch, cli, tiny_model):
     use_store(monkeypatch, tmp_path)
     write_prepared(tmp_path)
     make_mix(tmp_path)
-    write_stage_params(tmp_path / "params.yaml", tiny_model, evaluate={"bootstrap": 100})
+    write_stage_params(tmp_path / "params.yaml", tiny_model, evaluate={"bootstrap": 100}, search={})
     rc, out, err = cli("--params", tmp_path / "params.yaml", "evaluate")
     assert rc == 1 and out == ""
     line = _one_line(err)

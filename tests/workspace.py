@@ -48,8 +48,8 @@ def multiple_choice(n: int, source: str, seed: int) -> list[dict]:
 
 
 def write_prepared(root: Path, *, n_train: int = 40, n_dev: int = 8, n_test: int = 12, n_generalist: int = 30,
-                   generative_test: bool = False) -> Path:
-    """prepared/ as the prepare stage writes it: specialist train/dev/test and a generalist pool."""
+                   n_probe: int = 10, generative_test: bool = False) -> Path:
+    """prepared/ as the prepare stage writes it: specialist train/dev/test, a generalist pool and its probe."""
     out = root / "prepared"
     write_jsonl(out / "specialist" / "train.jsonl", classification(n_train, "spec", seed=1))
     write_jsonl(out / "specialist" / "dev.jsonl", classification(n_dev, "spec", seed=2, start=n_train))
@@ -58,6 +58,7 @@ def write_prepared(root: Path, *, n_train: int = 40, n_dev: int = 8, n_test: int
     write_jsonl(out / "specialist" / "test.jsonl", test)
     pool = multiple_choice(n_generalist, "gen", seed=4) + generative(10, "genfree", seed=5, task="free")
     write_jsonl(out / "generalist.jsonl", pool)
+    write_jsonl(out / "generalist_probe.jsonl", multiple_choice(n_probe, "probe", seed=6))
     write_json(out / "stats.json", {"splits": {"train": n_train, "dev": n_dev, "test": n_test}})
     return out
 

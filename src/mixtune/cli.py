@@ -31,7 +31,8 @@ def _mix(args) -> None:
     from mixtune.config import load_section
 
     m = mix.run(load_section("mix", args.params), Path(args.prepared), Path(args.out))
-    print(f"mix: {m['total']} examples ({m['specialist_size']} specialist + {m['generalist_size']} generalist), "
+    print(f"mix: {m['total']} examples ({m['specialist_size']} specialist + {m['generalist_size']} generalist, "
+          f"share {m['generalist_share']:.2f} {'from the search' if m['share_source'] == 'auto' else 'set by hand'}), "
           f"sha256 {m['sha256'][:12]}")
 
 
@@ -48,11 +49,19 @@ def _evaluate(args) -> None:
     from mixtune import evaluate
     from mixtune.config import load_section
 
-    r = evaluate.run(load_section("evaluate", args.params), load_section("model", args.params))
-    key = "accuracy" if "accuracy" in r["tuned"] else "exact_match"
-    t, b, g = r["tuned"], r["base"], r["gain"]
-    print(f"evaluate ({r['split']}, n={r['n']}): tuned {key} {t[key]:.3f} [{t[key + '_low']:.3f}, {t[key + '_high']:.3f}]"
-          f", base {b[key]:.3f}; gain {g[key]:+.3f} [{g[key + '_low']:+.3f}, {g[key + '_high']:+.3f}]")
+    r = evaluate.run(load_section("evaluate", args.params), load_section("model", args.params),
+                     load_section("search", args.params, keys=("metric",)).metric)
+    c, key = r["comparison"], r["details"]["metric"]
+
+    def show(x):
+        return f"{x['value']:.3f} [{x['low']:.3f}, {x['high']:.3f}]"
+
+    print(f"evaluate ({r['details']['split']}, n={r['n']}, share {r['share']:.2f}): {key} tuned {show(c['tuned'])}, "
+          f"base {show(c['base'])}, pure specialist {show(c['specialist'])}")
+    if "forgetting" in r:
+        f = r["forgetting"]
+        print(f"evaluate: held-out generalist accuracy lost against the base model ({f['probe_n']} questions): "
+              f"tuned {show(f['tuned'])}, pure specialist {show(f['specialist'])}")
 
 
 def _search(args) -> None:
@@ -67,14 +76,14 @@ def _search(args) -> None:
         for study, trials in r["trials"].items():
             print(f"search --worker: study {study}: ran trials {trials}")
     else:
-        print(f"search: {r['answer']}")
+        print("\n".join(f"search: {a}" for a in r["answers"]))
 
 
 def _register(args) -> None:
     from mixtune import register
     from mixtune.config import load_section
 
-    r = register.run(load_section("register", args.params), load_section("model", args.params),
+    r = register.run(load_section("register", args.params),
                      load_section("evaluate", args.params, keys=register.EVALUATE_KEYS))
     print(f"register: {r['name']} version {r['version']}: {r['reason']}")
 
@@ -159,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only run trials of the shared study (search.storage); write no outputs")
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("register", help="score the best adapter on test, register it; champion moves if it wins")
+    p = sub.add_parser("register", help="register the final adapter as evaluated; champion moves if it wins")
     p.set_defaults(func=_register)
 
     p = sub.add_parser("promote", help="make a registered version the champion by hand (a rollback too)")

@@ -87,6 +87,9 @@ class PrepareConfig(_Section):
     # Generalist examples longer than this (prompt + answer, in characters; ~4 per token) are left out of the
     # pool: truncated to train.max_length they would lose their answer and cost compute for no loss.
     generalist_max_chars: int = Field(gt=0)
+    # Multiple-choice generalist questions set aside from the pool, never mixed in: every search trial and the
+    # evaluate stage score them to measure forgetting (the same questions every time).
+    generalist_probe: int = Field(ge=0)
     specialist: list[Source] = Field(min_length=1)
     generalist: list[Source]
 
@@ -103,7 +106,7 @@ class PrepareConfig(_Section):
 class MixConfig(_Section):
     specialist_size: int = Field(gt=0)
     # Fraction of the FINAL training set drawn from the generalist pool (see README, "the ratio").
-    generalist_share: float = Field(ge=0, lt=1)
+    generalist_share: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"]  # auto: the search's recommendation
     seed: int
     # Fraction of the drawn generalist examples whose answer is replaced by a wrong one (another answer of the
     # same task): hallucinated generalist data, as a knob the study turns (claim 3).
@@ -152,12 +155,16 @@ class ScoreConfig(_Section):
 class EvaluateConfig(ScoreConfig):
     split: Literal["test", "dev"]
     max_examples: int | None = Field(gt=0)
-    generalist_sample: int = Field(ge=0)  # held-out generalist questions: is general ability kept?
     seed: int
 
 
 class SearchConfig(_Section):
     n_trials: int = Field(gt=0)  # trials wanted in all, per size; a re-run runs only the missing ones
+    # The task's own metric (score.py): auto = macro_f1 (classification), accuracy (multiple choice), rouge_l
+    # (generation); a scenario of several tasks is scored by the mean of its tasks'.
+    metric: Literal["auto", "accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l"]
+    # Leave out shares whose probe accuracy falls below the pure specialist's by more than this (null: keep all).
+    max_forgetting: float | None = Field(ge=0, le=1)
     timeout: float | None = Field(gt=0)  # seconds; no new trial starts after it
     max_share: float = Field(gt=0, lt=1)  # generalist_share is searched in [0, max_share]
     seed: int

@@ -66,13 +66,29 @@ def _corrupt(drawn: list[bytes], pool: list[bytes], rate: float, rng: np.random.
     return k
 
 
-def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix")) -> dict:
+def recommended_share(specialist_size: int, search: Path = Path("search")) -> float:
+    """`generalist_share: auto`: the share the search recommends (search/best.json) for this specialist size."""
+    path = search / "best.json"
+    if not path.is_file():
+        raise MixtuneError(f"{path}: no such file (mix.generalist_share: auto takes the search's answer: "
+                           "run the search stage first, or set a number)")
+    best = json.loads(path.read_text())
+    if best["size"] != specialist_size:
+        raise MixtuneError(f"{path}: the search recommends a share for {best['size']} specialist examples, not "
+                           f"mix.specialist_size={specialist_size}")
+    return float(best["recommended_share"])
+
+
+def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix"),
+        search: Path = Path("search")) -> dict:
     rng = np.random.default_rng(cfg.seed)
     spec_path, gen_path = prepared / "specialist" / "train.jsonl", prepared / "generalist.jsonl"
-    n_g = generalist_count(cfg.specialist_size, cfg.generalist_share)
+    auto = cfg.generalist_share == "auto"
+    share = recommended_share(cfg.specialist_size, search) if auto else cfg.generalist_share
+    n_g = generalist_count(cfg.specialist_size, share)
     specialist = _sample(_lines(spec_path), cfg.specialist_size, rng, "mix.specialist_size", spec_path)
     pool = _lines(gen_path) if n_g else []
-    generalist = _sample(pool, n_g, rng, f"mix.generalist_share={cfg.generalist_share}", gen_path) if n_g else []
+    generalist = _sample(pool, n_g, rng, f"mix.generalist_share={share:g}", gen_path) if n_g else []
     corrupted = _corrupt(generalist, pool, cfg.corrupt_generalist, rng, gen_path) \
         if cfg.corrupt_generalist and generalist else 0
     mixed = specialist + generalist
@@ -89,7 +105,8 @@ def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix
     data = b"".join(mixed)
     manifest = {
         "specialist_size": cfg.specialist_size,
-        "generalist_share": cfg.generalist_share,
+        "generalist_share": share,
+        "share_source": "auto" if auto else "manual",  # auto: the search's recommendation
         "generalist_size": n_g,
         "corrupt_generalist": cfg.corrupt_generalist,
         "corrupted": corrupted,

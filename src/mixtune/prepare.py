@@ -3,6 +3,7 @@
 Outputs (under `prepared/`):
     specialist/train.jsonl, specialist/dev.jsonl, specialist/test.jsonl   seeded, stratified by task and label
     generalist.jsonl                                                       the pool `mix` samples from
+    generalist_probe.jsonl                   multiple-choice pool questions set aside: forgetting is measured on them
     stats.json                                                             what was read, dropped and why
 """
 
@@ -71,6 +72,13 @@ def split(examples: list[dict], dev_fraction: float, test_fraction: float, seed:
     return out
 
 
+def probe_questions(pool: list[dict], k: int, seed: int, max_options: int = 8, max_chars: int = 800) -> list[dict]:
+    """k multiple-choice questions of the pool, seeded, short enough to score cheaply (fewer if it has fewer)."""
+    fit = [ex for ex in pool if ex["options"] and len(ex["options"]) <= max_options
+           and len(prompt_text(ex)) + sum(map(len, ex["options"])) <= max_chars]
+    return random.Random(seed).sample(fit, min(k, len(fit)))
+
+
 def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")) -> dict:
     stats: dict = {"specialist": {}, "generalist": {}}
 
@@ -96,7 +104,12 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
     generalist, stats["decontaminated"] = decontaminate(generalist, parts["dev"] + parts["test"],
                                                         cfg.decontaminate_ngram)
 
+    probe = probe_questions(generalist, cfg.generalist_probe, cfg.seed)
+    held = {ex["id"] for ex in probe}
+    generalist = [ex for ex in generalist if ex["id"] not in held]
+
     stats["splits"] = {name: len(part) for name, part in parts.items()}
+    stats["generalist_probe"] = len(probe)
     stats["generalist_pool"] = len(generalist)
     stats["generalist_tasks"] = len({ex["task"] for ex in generalist})
     stats["specialist_tasks"] = dict(sorted(Counter(ex["task"] for ex in specialist).items()))
@@ -106,5 +119,6 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
         for name, part in parts.items():
             write_jsonl(tmp / f"{name}.jsonl", part)
     write_jsonl(out / "generalist.jsonl", generalist)
+    write_jsonl(out / "generalist_probe.jsonl", probe)
     write_json(out / "stats.json", stats)
     return stats

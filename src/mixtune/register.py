@@ -1,11 +1,11 @@
-"""register: the search's best adapter, scored once on the specialist TEST split, becomes a new version of the
-task's registered model with alias `candidate`. Alias `champion` moves to it only if it beats the champion on
-the same test split by more than register.min_gain (and, with register.require_interval, the paired 95%
-interval of the gain lies above 0). Versions are never deleted; the same adapter is never registered twice
-(versions are keyed by the adapter's sha256). `mixtune promote --version N` moves `champion` by hand.
-
-The champion's test predictions are an artifact of the register run that scored it, so the gain is paired
-(same examples) without scoring the champion again. Output: register/result.json (DVC metrics).
+"""register: the final adapter (train), as evaluate measured it, becomes a new version of the task's registered
+model with alias `candidate`. Alias `champion` moves to it only if it beats the champion on the same test
+examples by more than register.min_gain (and, with register.require_interval, the paired 95% interval of the
+gain lies above 0), by the metric evaluate used. Nothing is scored again: the candidate's answers are
+eval/predictions.jsonl, and each register run keeps them as an artifact, so a later candidate is compared with
+the champion on the same examples, paired. Versions are never deleted; the same adapter is never registered
+twice (versions are keyed by the adapter's sha256). `mixtune promote --version N` moves `champion` by hand.
+Output: register/result.json (DVC metrics).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import json
 import time
 from pathlib import Path
 
-from mixtune.config import ModelConfig, RegisterConfig, load_section
+from mixtune import score
+from mixtune.config import RegisterConfig, load_section
 from mixtune.errors import MixtuneError, first_line
 from mixtune.files import read_jsonl, sha256_file, write_json
-from mixtune.model import load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
 from mixtune.tracking import data_hash, stage_run, tracking_uri
 
-EVALUATE_KEYS = ("batch_size", "max_new_tokens", "max_examples", "bootstrap", "seed")  # the keys register reads
+EVALUATE_KEYS = ("bootstrap", "seed")  # of evaluate's keys, the ones register reads (the champion's interval)
 PREDICTIONS = "test_predictions.json"  # in each register run: the candidate's predictions on the test split
 
 
@@ -62,57 +62,61 @@ def _champion(client, name: str):
         raise
 
 
-def _decide(cfg: RegisterConfig, champion, test_sha: str, examples, preds, eval_cfg) -> tuple[dict, bool, str]:
-    """The candidate's test metrics (and the paired gain over the champion) and whether champion moves."""
+def _decide(cfg: RegisterConfig, champion, test_sha: str, examples, preds, metric: str, eval_cfg) -> tuple[dict, bool, str]:
+    """The candidate's test score (and the paired gain over the champion) and whether champion moves."""
     import mlflow
 
-    from mixtune.evaluate import summarize
-
-    def alone() -> dict:  # the candidate's own score (summarize pairs it with itself; the gain is unused)
-        return {"tuned": summarize(examples, preds, preds, eval_cfg)["tuned"]}
-
+    scorer = score.Scorer(examples, metric)
     if champion is None:
-        return alone(), True, "first version: no champion yet"
+        return score.compare(scorer, {"tuned": preds}, eval_cfg.bootstrap, eval_cfg.seed), True, \
+            "first version: no champion yet"
     t = champion.tags
     champ = None
     if t.get("mixtune.test_sha256") == test_sha and "mixtune.register_run_id" in t:
-        champ = mlflow.artifacts.load_dict(f"runs:/{t['mixtune.register_run_id']}/{PREDICTIONS}")
+        with contextlib.suppress(Exception):  # a champion registered before its predictions were kept
+            champ = mlflow.artifacts.load_dict(f"runs:/{t['mixtune.register_run_id']}/{PREDICTIONS}")
     if champ is None or champ["ids"] != [ex["id"] for ex in examples]:  # a changed split or evaluate.max_examples
-        return alone(), False, (f"kept champion v{champion.version}: it was scored on other test examples; "
-                                "compare by hand and use `mixtune promote`")
-    s = summarize(examples, preds, champ["predictions"], eval_cfg)
-    key = t["mixtune.test_metric"]
-    gain, low, high = s["gain"][key], s["gain"][f"{key}_low"], s["gain"][f"{key}_high"]
-    vs = (f"{key} {s['tuned'][key]:.3f} vs champion v{champion.version} {s['base'][key]:.3f}: "
-          f"gain {gain:+.3f} [{low:+.3f}, {high:+.3f}]")
-    if gain <= cfg.min_gain:
+        return score.compare(scorer, {"tuned": preds}, eval_cfg.bootstrap, eval_cfg.seed), False, \
+            (f"kept champion v{champion.version}: it was scored on other test examples; compare by hand and use "
+             "`mixtune promote`")
+    s = score.compare(scorer, {"tuned": preds, "champion": champ["predictions"]}, eval_cfg.bootstrap, eval_cfg.seed,
+                      gains=(("tuned", "champion"),))
+    g = s["tuned-champion"]
+    vs = (f"{metric} {s['tuned']['value']:.3f} vs champion v{champion.version} {s['champion']['value']:.3f}: "
+          f"gain {g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]")
+    if g["value"] <= cfg.min_gain:
         return s, False, f"kept champion: {vs}, not above register.min_gain={cfg.min_gain}"
-    if cfg.require_interval and low <= 0:
+    if cfg.require_interval and g["low"] <= 0:
         return s, False, f"kept champion: {vs}, the interval does not lie above 0 (register.require_interval)"
     return s, True, f"promoted: {vs}"
 
 
-def run(cfg: RegisterConfig, model_cfg: ModelConfig, eval_cfg, prepared: Path = Path("prepared"),
-        search: Path = Path("search"), out: Path = Path("register")) -> dict:
-    best_path, test_path = search / "best.json", prepared / "specialist" / "test.jsonl"
-    for path, stage in ((best_path, "search"), (test_path, "prepare")):
+def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train: Path = Path("train"),
+        evaluation: Path = Path("eval"), out: Path = Path("register")) -> dict:
+    """`eval_cfg`: evaluate's EVALUATE_KEYS."""
+    test_path, adapter = prepared / "specialist" / "test.jsonl", train / "adapter" / "adapter_model.safetensors"
+    for path, stage in ((evaluation / "details.json", "evaluate"), (evaluation / "predictions.jsonl", "evaluate"),
+                        (evaluation / "metrics.json", "evaluate"), (test_path, "prepare"), (adapter, "train")):
         if not path.is_file():
             raise MixtuneError(f"{path}: no such file (run the {stage} stage first)")
-    best = json.loads(best_path.read_text())
-    adapter = Path(best["adapter"])
-    require_adapter(adapter)
-    examples = read_jsonl(test_path)[: eval_cfg.max_examples]
-    name = cfg.name or default_name(best["tasks"])
-    metric = "accuracy" if all(ex["options"] for ex in examples) else "exact_match"
-    key = {"mixtune.adapter_sha256": sha256_file(adapter / "adapter_model.safetensors"),
-           "mixtune.test_sha256": sha256_file(test_path)}
-    base_path = resolve_base(model_cfg.base)
-    params = {"register": cfg.model_dump(), "model": model_cfg.model_dump(),
-              "evaluate": {**eval_cfg.model_dump(), "split": "test"}}
-    tags = {"mixtune.registered_model": name, "mixtune.source_run_id": best["run_id"]}
+    details = json.loads((evaluation / "details.json").read_text())
+    measured = json.loads((evaluation / "metrics.json").read_text())
+    rows = read_jsonl(evaluation / "predictions.jsonl")
+    by_id = {ex["id"]: ex for ex in read_jsonl(test_path)}
+    missing = [r["id"] for r in rows if r["id"] not in by_id]
+    if missing:
+        raise MixtuneError(f"{evaluation / 'predictions.jsonl'}: {len(missing)} ids not in {test_path} (e.g. "
+                           f"{missing[0]}): run the evaluate stage again")
+    examples, preds = [by_id[r["id"]] for r in rows], [r["tuned"] for r in rows]
+    metric, tasks = details["metric"], details["tasks"]
+    name = cfg.name or default_name(tasks)
+    key = {"mixtune.adapter_sha256": sha256_file(adapter), "mixtune.test_sha256": sha256_file(test_path)}
+    params = {"register": cfg.model_dump(), "evaluate": eval_cfg.model_dump()}
+    tags = {"mixtune.registered_model": name, "mixtune.source_run_id": details["train_run_id"],
+            "mixtune.evaluate_run_id": details["run_id"] or ""}
 
-    # The run opens first: an unreachable store fails here, before anything is scored or changed.
-    with stage_run("register", best["tasks"], params, tags) as mlrun:
+    # The run opens first: an unreachable store fails here, before anything is changed.
+    with stage_run("register", tasks, params, tags) as mlrun:
         import mlflow
 
         client = mlflow.MlflowClient()
@@ -131,41 +135,38 @@ def run(cfg: RegisterConfig, model_cfg: ModelConfig, eval_cfg, prepared: Path = 
             write_json(out / "result.json", result)
             return result
 
-        tokenizer = load_tokenizer(base_path)
-        model = load_adapter(load_base(base_path), adapter)
-        model.eval()
-        from mixtune.evaluate import predict
-
-        preds = predict(model, tokenizer, examples, eval_cfg, precision("auto"))
         mlflow.log_dict({"ids": [ex["id"] for ex in examples], "predictions": preds}, PREDICTIONS)
         with registry_errors():
-            s, promote, reason = _decide(cfg, champion, key["mixtune.test_sha256"], examples, preds, eval_cfg)
-        score = s["tuned"]
-        mlflow.log_metrics({f"test.{k}": v for k, v in score.items()})
+            s, promote, reason = _decide(cfg, champion, key["mixtune.test_sha256"], examples, preds, metric, eval_cfg)
+        tuned = s["tuned"]
+        mlflow.log_metrics({f"test.{metric}": tuned["value"], f"test.{metric}_low": tuned["low"],
+                            f"test.{metric}_high": tuned["high"]})
+        forgetting = measured.get("forgetting", {}).get("tuned", {})
         version_tags = {
-            **key, "mixtune.test_metric": metric, "mixtune.test_score": score[metric],
-            "mixtune.test_low": score[f"{metric}_low"], "mixtune.test_high": score[f"{metric}_high"],
-            "mixtune.test_n": len(examples), "mixtune.champion_version": champion.version if champion else "",
+            **key, "mixtune.test_metric": metric, "mixtune.test_score": tuned["value"],
+            "mixtune.test_low": tuned["low"], "mixtune.test_high": tuned["high"], "mixtune.test_n": len(examples),
+            "mixtune.champion_version": champion.version if champion else "",
             "mixtune.champion_score": champion.tags.get("mixtune.test_score", "") if champion else "",
-            "mixtune.data_md5": data_hash() or "", "mixtune.mix_sha256": best["mix_sha256"],
-            "mixtune.source_run_id": best["run_id"], "mixtune.register_run_id": mlrun.info.run_id,
-            "mixtune.generalist_share": best["generalist_share"], "mixtune.specialist_size": best["size"],
+            "mixtune.data_md5": data_hash() or "", "mixtune.generalist_share": measured["share"],
+            "mixtune.share_source": details["share_source"], "mixtune.forgetting": forgetting.get("value", ""),
+            "mixtune.forgetting_interval": f"[{forgetting['low']:+.3f}, {forgetting['high']:+.3f}]" if forgetting else "",
+            "mixtune.source_run_id": details["train_run_id"], "mixtune.register_run_id": mlrun.info.run_id,
             "mixtune.decision": "promoted" if promote else "kept", "mixtune.reason": reason,
         }
         with registry_errors():
-            v = mlflow.register_model(best["model_uri"], name, tags={k: str(x) for k, x in version_tags.items()})
+            v = mlflow.register_model(details["model_uri"], name, tags={k: str(x) for k, x in version_tags.items()})
             client.set_registered_model_alias(name, "candidate", v.version)
             if promote:
                 client.set_registered_model_alias(name, "champion", v.version)
         mlflow.set_tags({"mixtune.version": v.version, "mixtune.decision": version_tags["mixtune.decision"],
                          "mlflow.note.content": reason})
         result = {"name": name, "version": int(v.version), "created": True, "metric": metric,
-                  "test_score": score[metric], "test_low": score[f"{metric}_low"],
-                  "test_high": score[f"{metric}_high"], "promoted": promote,
-                  "champion": int(v.version) if promote else int(champion.version), "reason": reason}
-        if "gain" in s:
-            result.update(gain=s["gain"][metric], gain_low=s["gain"][f"{metric}_low"],
-                          gain_high=s["gain"][f"{metric}_high"])
+                  "test_score": tuned["value"], "test_low": tuned["low"], "test_high": tuned["high"],
+                  "promoted": promote, "champion": int(v.version) if promote else int(champion.version),
+                  "reason": reason}
+        if "tuned-champion" in s:
+            g = s["tuned-champion"]
+            result.update(gain=g["value"], gain_low=g["low"], gain_high=g["high"])
         write_json(out / "result.json", result)
     return result
 

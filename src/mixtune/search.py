@@ -26,17 +26,18 @@ import numpy as np
 
 from mixtune import lineage
 from mixtune import metrics as M
+from mixtune import score
 from mixtune.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
 from mixtune.model import load_tokenizer, precision, resolve_base
-from mixtune.search_study import Claim, count, open_study, parent_run, share_of, trial_run
-from mixtune.tracking import Timer, repo_root, stage_run
+from mixtune.search_storage import Claim, count, open_study, parent_run, share_of, trial_run
+from mixtune.tracking import repo_root, stage_run
 
 MIX_KEYS = ("specialist_size", "seed")  # of params.yaml's sections, the keys the search reads (dvc.yaml: the same)
 SCORE_KEYS = ("batch_size", "max_new_tokens", "bootstrap")
 BASELINES = (0.0, 0.5)  # the pure specialist and an even mix; they are also TPE's start-up trials
-CSV_FIELDS = ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "trained_tokens"]
+CSV_FIELDS = ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "forgetting", "trained_tokens"]
 
 
 def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_cfg: ModelConfig, score_cfg,
@@ -45,7 +46,7 @@ def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_c
     the storage continues a study; changing the data, the model, the training, the scoring or the code that
     computes a trial (this module and all it can import) starts a new one, and the old one stays in storage."""
     files = [prepared / "specialist" / "train.jsonl", prepared / "specialist" / "dev.jsonl",
-             prepared / "generalist.jsonl"]
+             prepared / "generalist.jsonl", prepared / "generalist_probe.jsonl"]
     return {"specialist_size": size, "mix_seed": mix_cfg.seed, "model": model_cfg.model_dump(),
             "train": train_cfg.model_dump(), "score": {k: getattr(score_cfg, k) for k in SCORE_KEYS},
             "data_sha256": [sha256_file(f)[:16] for f in files],
@@ -56,20 +57,26 @@ def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_c
 class _Trials:
     """What every trial of one study needs, loaded once per process; `__call__` is Optuna's objective."""
 
-    def __init__(self, cfg, mix_cfg, train_cfg, eval_cfg, base, dev, prepared, study, claim, parent):
+    def __init__(self, cfg, mix_cfg, train_cfg, eval_cfg, base, dev, probe, metric, prepared, study, claim, parent):
         self.cfg, self.mix_cfg, self.train_cfg, self.eval_cfg = cfg, mix_cfg, train_cfg, eval_cfg
-        self.base, self.dev, self.prepared, self.claim, self.parent = base, dev, prepared, claim, parent
+        self.base, self.dev, self.probe, self.metric = base, dev, probe, metric
+        self.prepared, self.claim, self.parent = prepared, claim, parent
         self.size = study.user_attrs["specialist_size"]
         self.folder = repo_root() / ".cache" / "search" / study.study_name
         self.tokenizer = load_tokenizer(base)
         self.prec = precision(train_cfg.precision)
-        self.metric = metric_name(dev)
+        self.scorer = score.Scorer(dev, metric)
         self.numbers: list[int] = []  # the trials this process ran
 
-    def correct(self, model, examples: list[dict]) -> list[float]:
-        from mixtune.evaluate import correct
+    def predict(self, model, examples: list[dict]) -> list[str]:
+        return score.predict(model, self.tokenizer, examples, self.eval_cfg, self.prec)
 
-        return correct(model, self.tokenizer, examples, self.eval_cfg, self.prec)
+    def base_probe(self, study) -> None:
+        """The base model's answers to the probe, once per study: every trial's forgetting is against them."""
+        if "base_probe" not in study.user_attrs and self.probe:
+            from mixtune.model import load_base
+
+            study.set_user_attr("base_probe", _correct(self.probe, self.predict(load_base(self.base), self.probe)))
 
     def __call__(self, trial) -> float:
         share = trial.suggest_float("generalist_share", 0.0, self.cfg.max_share)
@@ -89,50 +96,58 @@ class _Trials:
         from mixtune import mix, train
 
         manifest = mix.run(MixConfig(specialist_size=self.size, generalist_share=share, seed=self.mix_cfg.seed,
-                                     corrupt_generalist=0.0),
-                           self.prepared, folder / "mix")
+                                     corrupt_generalist=0.0), self.prepared, folder / "mix")
         trial.set_user_attr("mix_sha256", manifest["sha256"])
         mlflow.log_dict(manifest, "mix_manifest.json")
         mlflow.log_params({"generalist_size": manifest["generalist_size"], "total": manifest["total"]})
         mlflow.set_tag("mixtune.mix_sha256", manifest["sha256"])
-        trainer = train.build_trainer(self.train_cfg, self.base, read_jsonl(folder / "mix" / "train.jsonl"),
-                                      folder / "checkpoints", self.prec, self.tokenizer)
-        trainer.args.set_save(strategy="no")  # an interrupted trial is FAIL, never resumed: no checkpoints
-        train.add_progress(trainer, self.train_cfg, Timer(), [])
-        trainer.add_callback(self._pruning(trial, trainer))
+        # An interrupted trial is FAIL, never resumed: no checkpoints.
+        trainer = train.tuner(self.train_cfg, self.base, read_jsonl(folder / "mix" / "train.jsonl"),
+                              folder / "checkpoints", self.prec, self.tokenizer, callbacks=[self._pruning(trial)])
         try:
             trainer.train()
-        finally:
-            tokens = round(train.dataset_tokens(trainer) * (trainer.state.epoch or 0.0))
+        finally:  # a pruned trial's compute counts too
+            tokens = train.trained_tokens(trainer)
             trial.set_user_attr("trained_tokens", tokens)
             mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
-        correct = self.correct(trainer.model, self.dev)
-        value, low, high = mean_interval(correct, self.eval_cfg.bootstrap, self.cfg.seed)
-        _set_attrs(trial, {"dev_metric": value, "dev_low": low, "dev_high": high,
-                           "dev_correct": M.to_bits(correct)})
-        mlflow.log_metrics({f"dev.{self.metric}": value, f"dev.{self.metric}_low": low,
-                            f"dev.{self.metric}_high": high})
-        train.save_adapter(trainer.model, self.tokenizer, folder / "adapter")
-        info = train.log_adapter(trainer.model, self.tokenizer, self.base, self.eval_cfg.max_new_tokens)
+        model = trainer.model
+        preds = self.predict(model, self.dev)
+        value, per_task = self.scorer.value(self.scorer.encode(preds))
+        cmp = score.compare(self.scorer, {"trial": preds}, self.eval_cfg.bootstrap, self.cfg.seed)["trial"]
+        probe = _correct(self.probe, self.predict(model, self.probe)) if self.probe else ""
+        _set_attrs(trial, {"dev_metric": value, "dev_low": cmp["low"], "dev_high": cmp["high"],
+                           "dev_per_task": per_task, "dev_predictions": preds, "probe": probe})
+        metrics = {f"dev.{self.metric}": value, f"dev.{self.metric}_low": cmp["low"],
+                   f"dev.{self.metric}_high": cmp["high"]}
+        if len(per_task) > 1:
+            metrics |= {f"dev.{self.metric}.{t}": v for t, v in per_task.items()}
+        if probe:
+            metrics["probe_accuracy"] = float(M.from_bits(probe).mean())
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag("mlflow.note.content", f"share {share:.2f}: dev {self.metric} {value:.3f} "
+                                              f"[{cmp['low']:.3f}, {cmp['high']:.3f}]")
+        train.save_adapter(model, self.tokenizer, folder / "adapter")
+        info = train.log_adapter(model, self.tokenizer, self.base, self.eval_cfg.max_new_tokens)
         _set_attrs(trial, {"adapter": str(folder / "adapter"), "model_uri": info.model_uri})
         return value
 
-    def _pruning(self, trial, trainer):
+    def _pruning(self, trial):
         """Every eval_every steps: score the dev subset, report it, and stop here if the pruner says so. A
         baseline reports (later trials are compared with it) but runs to the end: the answer is measured on it."""
         import mlflow
         import optuna
         from transformers import TrainerCallback
 
-        subset, every, metric, correct = self.dev[: self.cfg.dev_examples], self.cfg.eval_every, self.metric, \
-            self.correct
+        subset = self.dev[: self.cfg.dev_examples]
+        scorer, every, metric, predict = score.Scorer(subset, self.metric), self.cfg.eval_every, self.metric, \
+            self.predict
         prunable = not trial.user_attrs.get("baseline")
 
         class DevPruning(TrainerCallback):
-            def on_step_end(self, args, state, control, **kw):
+            def on_step_end(self, args, state, control, model=None, **kw):
                 if state.global_step % every or state.global_step >= state.max_steps:  # the end scores all of dev
                     return
-                value = float(np.mean(correct(trainer.model, subset)))
+                value = scorer.value(scorer.encode(predict(model, subset)))[0]
                 trial.report(value, state.global_step)
                 mlflow.log_metric(f"dev_subset.{metric}", value, step=state.global_step)
                 if prunable and trial.should_prune():
@@ -142,94 +157,156 @@ class _Trials:
         return DevPruning()
 
 
+def _correct(examples: list[dict], preds: list[str]) -> str:
+    return M.to_bits([p == ex["completion"] for p, ex in zip(preds, examples)])
+
+
 def _set_attrs(trial, attrs: dict) -> None:
     for k, v in attrs.items():
         trial.set_user_attr(k, v)
 
 
-def metric_name(examples: list[dict]) -> str:
-    return "accuracy" if all(ex["options"] for ex in examples) else "exact_match"  # as evaluate.summarize
-
-
-def mean_interval(correct: list[float], resamples: int, seed: int) -> tuple[float, float, float]:
-    c = np.asarray(correct, dtype=float)
-    low, high = M.bootstrap(lambda idx: float(c[idx].mean()), len(c), resamples, seed)
-    return float(c.mean()), low, high
-
-
-def paired_gain(trial, base, resamples: int, seed: int) -> tuple[float, float, float]:
-    """trial - base on the same dev examples, with the 95% paired bootstrap interval."""
-    t, b = (M.from_bits(x.user_attrs["dev_correct"]) for x in (trial, base))
-    low, high = M.bootstrap(lambda idx: float(t[idx].mean() - b[idx].mean()), len(t), resamples, seed)
-    return float(t.mean() - b.mean()), low, high
-
-
 # --- the answer ---------------------------------------------------------------------------------------------
 
 
-def summarize(study, task: str, metric: str, resamples: int, seed: int, max_share: float) -> dict:
-    """Best share, its dev score, and its paired gain over the pure specialist (same dev examples)."""
+def _done(study) -> list:
     from optuna.trial import TrialState
 
-    size = study.user_attrs["specialist_size"]
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    return [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+
+
+def forgetting_of(t, base_probe: str | None) -> float | None:
+    """Held-out generalist accuracy lost against the base model (positive: forgotten)."""
+    if not base_probe or not t.user_attrs.get("probe"):
+        return None
+    return float(M.from_bits(base_probe).mean() - M.from_bits(t.user_attrs["probe"]).mean())
+
+
+def _paired(scorer: score.Scorer, a: list[str], b: list[str], resamples: int, seed: int) -> tuple[float, float, float]:
+    g = score.compare(scorer, {"a": a, "b": b}, resamples, seed, gains=(("a", "b"),))["a-b"]
+    return g["value"], g["low"], g["high"]
+
+
+def _fit(done: list, scorer: score.Scorer, max_share: float, resamples: int, seed: int, spec) -> dict | None:
+    """The mixing law over the completed trials (metrics.fit_curve: a quadratic in the share, refitted on
+    paired resamples of the dev examples) and the fitted gain over the pure specialist at its best share."""
+    shares = [t.params["generalist_share"] for t in done]
+    if len(set(shares)) < 3:
+        return None
+    enc = [scorer.encode(t.user_attrs["dev_predictions"]) for t in done]
+    spec_enc = scorer.encode(spec.user_attrs["dev_predictions"])
+    values = lambda idx: np.array([scorer.value(e, idx)[0] for e in enc])  # noqa: E731
+    fit = M.fit_curve(shares, values, scorer.n, max_share, resamples, seed,
+                      reference=lambda idx: scorer.value(spec_enc, idx)[0])
+    return fit
+
+
+def recommend(study, scorer: score.Scorer, cfg, resamples: int) -> dict:
+    """One recommended share for one study (one specialist size), with its dev gain over the pure specialist,
+    and the forgetting at that share against the pure specialist's.
+
+    The share: the mixing law's best share when at least 3 distinct shares completed and the fit is supported
+    (a concave curve whose best share the resamples pin down to within half the searched range), else the best
+    trial's. When no share beats the pure specialist beyond the interval, the answer is 0: generalist data has
+    to earn its place."""
+    from optuna.trial import TrialState
+
+    size, metric = study.user_attrs["specialist_size"], scorer.metric
+    done = _done(study)
     if not done:
         raise MixtuneError(f"search: no trial of study {study.study_name} completed (see its MLflow runs)")
+    spec = next((t for t in done if t.params["generalist_share"] == 0.0), None)
+    if spec is None:
+        raise MixtuneError(f"search: the pure specialist (share 0) of study {study.study_name} did not complete; "
+                           "run `dvc repro` again to retry it")
+    base_probe = study.user_attrs.get("base_probe")
+    spec_forgetting = forgetting_of(spec, base_probe)
+    excluded = []
+    if cfg.max_forgetting is not None and spec_forgetting is not None:
+        excluded = [t for t in done if forgetting_of(t, base_probe) - spec_forgetting > cfg.max_forgetting]
+    eligible = [t for t in done if t not in excluded]
+    seed = cfg.seed
+    spec_preds = spec.user_attrs["dev_predictions"]
 
     def rank(t):  # a tie goes to less generalist data
         return t.value, -t.params["generalist_share"]
 
-    best = max(done, key=rank)
-    base = next((t for t in done if t.params["generalist_share"] == 0.0), None)
-    a = best.user_attrs
-    out = {"size": size, "study": study.study_name, "metric": metric, "trial": best.number,
-           "generalist_share": best.params["generalist_share"], "dev_metric": a["dev_metric"],
-           "dev_low": a["dev_low"], "dev_high": a["dev_high"], "run_id": a["mlflow_run_id"],
-           "model_uri": a["model_uri"], "adapter": a["adapter"], "mix_sha256": a["mix_sha256"],
+    best = max(eligible, key=rank)
+    out = {"size": size, "study": study.study_name, "metric": metric, "specialist_trial": spec.number,
+           "specialist_dev": spec.value, "specialist_adapter": spec.user_attrs["adapter"],
+           "specialist_model_uri": spec.user_attrs["model_uri"], "best_trial": best.number,
+           "best_trial_share": best.params["generalist_share"], "best_trial_dev": best.value,
+           "specialist_forgetting": spec_forgetting, "excluded_by_forgetting": [t.number for t in excluded],
            "trained_tokens_total": sum(t.user_attrs.get("trained_tokens", 0) for t in study.trials),
            "trials": {s.name.lower(): count(study, (s,)) for s in
                       (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}}
-    head = f"For {task} at {size} examples, "
-    score = f"dev {metric} {a['dev_metric']:.2f} [{a['dev_low']:.2f}, {a['dev_high']:.2f}]"
-    best_share = f"the best generalist share is r*={out['generalist_share']:.2f}: {score}"
-    if base is None:
-        out["answer"] = f"{head}{best_share}; the pure specialist did not complete, so there is no gain to report."
-    elif best is not base:
-        gain = paired_gain(best, base, resamples, seed)
-        out.update(zip(("gain", "gain_low", "gain_high"), gain))
-        out["answer"] = f"{head}{best_share}, {gain[0]:+.2f} [{gain[1]:+.2f}, {gain[2]:+.2f}] over the pure specialist."
-    else:  # a tie goes to the pure specialist too: generalist data must earn its place
-        out.update(gain=0.0, gain_low=0.0, gain_high=0.0)
-        out["answer"] = f"{head}generalist data does not help here: the pure specialist scores {score}"
-        runner_up = max((t for t in done if t is not base), key=rank, default=None)
-        if runner_up is None:
-            out["answer"] += "."
-        else:
-            g = paired_gain(runner_up, base, resamples, seed)
-            out["answer"] += (f"; the best mix (r={runner_up.params['generalist_share']:.2f}) scores "
-                              f"{g[0]:+.2f} [{g[1]:+.2f}, {g[2]:+.2f}] against it.")
-    fit = share_fit(done, max_share, resamples, seed)
+    fit = _fit(eligible, scorer, cfg.max_share, resamples, seed, spec)
+    supported = bool(fit and fit["concave"] and fit["share_high"] - fit["share_low"] <= cfg.max_share / 2)
     if fit:
         out["fit"] = fit
-        out["answer"] += (f" The mixing law fitted to the {len(done)} trials (quadratic in the share) puts the best "
-                          f"share at r={fit['share']:.2f} [{fit['share_low']:.2f}, {fit['share_high']:.2f}].")
+    if supported:
+        share, how = fit["share"], (f"the mixing law fitted to {len(eligible)} trials "
+                                     f"(r in [{fit['share_low']:.2f}, {fit['share_high']:.2f}])")
+        gain = (fit["gain"], fit["gain_low"], fit["gain_high"])
+        forgetting = _interpolate([(t.params["generalist_share"], forgetting_of(t, base_probe)) for t in eligible],
+                                  share)
+    else:
+        why = "fewer than 3 shares completed" if not fit else \
+            "the mixing law does not pin the best share down" + (
+                f" (r in [{fit['share_low']:.2f}, {fit['share_high']:.2f}])" if fit["concave"] else
+                " (the fitted curve has no maximum inside the range)")
+        share, how = best.params["generalist_share"], f"the best trial ({why})"
+        gain = (0.0, 0.0, 0.0) if best is spec else _paired(scorer, best.user_attrs["dev_predictions"], spec_preds,
+                                                              resamples, seed)
+        forgetting = forgetting_of(best, base_probe)
+    head = f"For {study.user_attrs.get('tasks', 'this task')} at {size} examples, "
+    if share > 0 and gain[1] > 0:
+        answer = (f"{head}use a generalist share of r={share:.2f}, from {how}: dev {metric} {gain[0]:+.3f} "
+                  f"[{gain[1]:+.3f}, {gain[2]:+.3f}] over the pure specialist")
+        recommended = share
+    else:
+        runner = best if best is not spec else max((t for t in eligible if t is not spec), key=rank, default=None)
+        answer = f"{head}generalist data does not help here: use r=0 (the pure specialist, dev {metric} {spec.value:.3f})"
+        if share > 0:
+            answer += (f"; {how} puts the best share at r={share:.2f}, only {gain[0]:+.3f} "
+                       f"[{gain[1]:+.3f}, {gain[2]:+.3f}] on dev {metric}")
+        elif runner is not None:
+            g = _paired(scorer, runner.user_attrs["dev_predictions"], spec_preds, resamples, seed)
+            answer += (f"; the best mix (r={runner.params['generalist_share']:.2f}) scores {g[0]:+.3f} "
+                       f"[{g[1]:+.3f}, {g[2]:+.3f}] against it")
+        recommended, forgetting, gain = 0.0, spec_forgetting, (0.0, 0.0, 0.0)
+    if forgetting is not None and spec_forgetting is not None:
+        answer += (f". Held-out generalist accuracy lost against the base model: {forgetting:+.2f} at r={recommended:.2f}"
+                   + (f", {spec_forgetting:+.2f} for the pure specialist." if recommended > 0 else "."))
+    else:
+        answer += "."
+    if excluded:
+        answer += (f" Left out by search.max_forgetting={cfg.max_forgetting}: r=" +
+                   ", ".join(f"{t.params['generalist_share']:.2f}" for t in excluded) + ".")
+    out.update(recommended_share=recommended, how="fit" if supported else "best trial", dev_gain=gain[0],
+               dev_gain_low=gain[1], dev_gain_high=gain[2], forgetting=forgetting, answer=answer)
     return out
 
 
-def share_fit(done: list, max_share: float, resamples: int, seed: int) -> dict | None:
-    """The study's mixing-law fit (metrics.fit_share, as in the study's report) over the completed trials."""
-    shares = [t.params["generalist_share"] for t in done]
-    scores = np.array([[M.from_bits(t.user_attrs["dev_correct"])] for t in done])
-    return M.fit_share(shares, scores, max_share, resamples, seed)
+def _interpolate(points: list[tuple[float, float | None]], x: float) -> float | None:
+    """Linear interpolation between the measured shares around x (the fitted share was never trained)."""
+    pts = sorted((a, b) for a, b in points if b is not None)
+    if not pts:
+        return None
+    xs, ys = zip(*pts)
+    return float(np.interp(x, xs, ys))
 
 
 def trial_rows(study) -> list[dict]:
+    base_probe = study.user_attrs.get("base_probe")
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         rows.append({"trial": t.number, "size": study.user_attrs["specialist_size"], "share": share_of(t),
                      "state": t.state.name, "dev_metric": a.get("dev_metric"), "dev_low": a.get("dev_low"),
-                     "dev_high": a.get("dev_high"), "trained_tokens": a.get("trained_tokens")})
+                     "dev_high": a.get("dev_high"),
+                     "forgetting": forgetting_of(t, base_probe) if a.get("probe") else None,
+                     "trained_tokens": a.get("trained_tokens")})
     return rows
 
 
@@ -242,36 +319,50 @@ def trials_csv(rows: list[dict]) -> str:
 
 
 def _figure(rows: list[dict], best: dict):
+    """Two panels a person reads at a glance: dev score against share (with intervals and the fitted law), and
+    the trade-off, each trial's dev score against its forgetting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = sorted((r for r in rows if r["state"] == "COMPLETE"), key=lambda r: r["share"])
-    x, y = [r["share"] for r in done], np.array([r["dev_metric"] for r in done])
+    x, y = np.array([r["share"] for r in done]), np.array([r["dev_metric"] for r in done])
     err = np.array([[r["dev_metric"] - r["dev_low"] for r in done], [r["dev_high"] - r["dev_metric"] for r in done]])
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label="trial (95% interval)")
-    ax.plot([best["generalist_share"]], [best["dev_metric"]], "r*", markersize=14, label="best")
+    if best.get("fit"):
+        grid = np.linspace(0, max(x.max(), best["recommended_share"]), 50)
+        c = best["fit"]["coef"]
+        ax.plot(grid, c[0] + c[1] * grid + c[2] * grid ** 2, "-", color="grey", label="mixing law")
+    ax.axvline(best["recommended_share"], color="r", ls="--", label=f"recommended r={best['recommended_share']:.2f}")
     ax.set_xlabel("generalist share of the training set")
     ax.set_ylabel(f"dev {best['metric']}")
     ax.set_title(f"{best['size']} specialist examples")
-    ax.legend()
+    ax.legend(fontsize=8)
+    f = [(r["forgetting"], r["dev_metric"], r["share"]) for r in done if r["forgetting"] is not None]
+    if f:
+        ax2.scatter([a for a, _, _ in f], [b for _, b, _ in f])
+        for a, b, sh in f:
+            ax2.annotate(f"r={sh:.2f}", (a, b), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax2.set_xlabel("forgetting: held-out generalist accuracy lost")
+    ax2.set_ylabel(f"dev {best['metric']}")
+    ax2.set_title("task score against forgetting (up and left is better)")
     fig.tight_layout()
     return fig
 
 
 def _log_summary(study, summary: dict) -> None:
-    """Into the study's run (active): best values as metrics (they change as the study grows), the answer as
-    its description, the trials table and the plot."""
+    """Into the study's run (active): the answer as its description and metrics (they change as the study
+    grows), the trials table and the figure."""
     import mlflow
 
     rows = trial_rows(study)
-    keys = ("generalist_share", "dev_metric", "dev_low", "dev_high", "gain", "gain_low", "gain_high")
-    mlflow.log_metrics({f"best.{k}": float(summary[k]) for k in keys if k in summary})
+    keys = ("recommended_share", "dev_gain", "dev_gain_low", "dev_gain_high", "forgetting", "specialist_forgetting")
+    mlflow.log_metrics({f"answer.{k}": float(summary[k]) for k in keys if summary.get(k) is not None})
     mlflow.log_metric("trained_tokens_total", summary["trained_tokens_total"])  # the search's compute
     mlflow.log_metrics({f"trials.{k}": v for k, v in summary["trials"].items()})
-    mlflow.set_tags({"mlflow.note.content": summary["answer"], "mixtune.best_run_id": summary["run_id"]})
+    mlflow.set_tags({"mlflow.note.content": summary["answer"], "mixtune.metric": summary["metric"]})
     mlflow.log_dict(summary, "best.json")
     mlflow.log_text(trials_csv(rows), "trials.csv")
     mlflow.log_figure(_figure(rows, summary), "dev_vs_share.png")
@@ -291,33 +382,41 @@ def run(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_cfg: ModelConf
     dev = read_jsonl(dev_path)
     if not dev:
         raise MixtuneError(f"{dev_path}: no dev examples; the search scores on them (set prepare.dev_fraction > 0)")
+    sizes = cfg.sizes or [mix_cfg.specialist_size]
+    if mix_cfg.specialist_size not in sizes:
+        raise MixtuneError(f"search.sizes {sizes} must include mix.specialist_size={mix_cfg.specialist_size}: "
+                           "the final adapter is trained at that size")
+    probe = read_jsonl(prepared / "generalist_probe.jsonl")
+    metric = score.metric_name(cfg.metric, dev)
     tasks = sorted({ex["task"] for ex in read_jsonl(prepared / "specialist" / "train.jsonl")})
     base = resolve_base(model_cfg.base)
-    summaries, rows, started = [], [], {}
+    summaries, rows, started = {}, [], {}
     baselines = [s for s in baselines if s <= cfg.max_share]
-    for size in cfg.sizes or [mix_cfg.specialist_size]:
+    for size in sizes:
         definition = study_definition(cfg, mix_cfg, train_cfg, model_cfg, eval_cfg, size, prepared)
-        key = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:10]
+        key = hashlib.sha256(json.dumps({**definition, "metric": metric}, sort_keys=True).encode()).hexdigest()[:10]
         name = f"{'+'.join(tasks)}-n{size}-{key}"
         claim = Claim(cfg.storage, name)
         study = open_study(cfg, name, size, claim, baselines)
-        tags = {"mixtune.study": name, "mixtune.search.n_trials": str(cfg.n_trials)}
+        study.set_user_attr("tasks", "+".join(tasks))
+        tags = {"mixtune.study": name, "mixtune.search.n_trials": str(cfg.n_trials), "mixtune.metric": metric}
         parent = parent_run(study, claim, tasks, definition, tags)
-        objective = _Trials(cfg, mix_cfg, train_cfg, eval_cfg, base, dev, prepared, study, claim, parent)
+        objective = _Trials(cfg, mix_cfg, train_cfg, eval_cfg, base, dev, probe, metric, prepared, study, claim,
+                            parent)
+        objective.base_probe(study)
         if worker:
             _optimize(study, objective, cfg, claim)
             started[name] = objective.numbers
             continue
         with stage_run("search", tasks, {}, tags, run_id=parent.run_id):
             _optimize(study, objective, cfg, claim)
-            summary = summarize(study, "+".join(tasks), objective.metric, eval_cfg.bootstrap, cfg.seed,
-                                cfg.max_share)
+            summary = recommend(study, objective.scorer, cfg, eval_cfg.bootstrap)
             _log_summary(study, summary)
-        summaries.append(summary)
+        summaries[size] = summary
         rows += trial_rows(study)
     if worker:
         return {"trials": started}  # study name -> the trials this worker ran
-    return _write_outputs(summaries, rows, tasks, out)
+    return _write_outputs(summaries, mix_cfg.specialist_size, rows, tasks, out)
 
 
 def _optimize(study, objective: _Trials, cfg: SearchConfig, claim: Claim) -> None:
@@ -347,21 +446,26 @@ def _optimize(study, objective: _Trials, cfg: SearchConfig, claim: Claim) -> Non
             claim.release()
 
 
-def _write_outputs(summaries: list[dict], rows: list[dict], tasks: list[str], out: Path) -> dict:
-    best = dict(max(summaries, key=lambda s: (s["dev_metric"], -s["size"])))
-    src = Path(best["adapter"])
-    with atomic_dir(out / "adapter") as tmp:
+def _write_outputs(summaries: dict[int, dict], size: int, rows: list[dict], tasks: list[str], out: Path) -> dict:
+    """search/best.json: the answer for mix.specialist_size (and each searched size under `sizes`);
+    search/specialist_adapter: that size's pure-specialist trial adapter, evaluate's reference."""
+    best = dict(summaries[size])
+    src = Path(best["specialist_adapter"])
+    with atomic_dir(out / "specialist_adapter") as tmp:
         if (src / "adapter_config.json").is_file():
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-        else:  # the best trial ran on another machine: take its adapter from MLflow
+        else:  # the trial ran on another machine: take its adapter from MLflow
             import mlflow
 
-            shutil.copytree(Path(mlflow.artifacts.download_artifacts(best["model_uri"])) / "peft", tmp,
+            shutil.copytree(Path(mlflow.artifacts.download_artifacts(best["specialist_model_uri"])) / "peft", tmp,
                             dirs_exist_ok=True)
-    best.update(tasks=tasks, adapter=str(out / "adapter"), trial_adapter=str(src),
-                answer=" ".join(s["answer"] for s in summaries),
-                sizes={str(s["size"]): {k: v for k, v in s.items() if k != "answer"} for s in summaries})
+    best.update(tasks=tasks, specialist_adapter=str(out / "specialist_adapter"),
+                sizes={str(k): {f: v for f, v in s.items() if f != "answer"} for k, s in summaries.items()},
+                answers=[s["answer"] for s in summaries.values()])
     with atomic_file(out / "trials.csv") as f:
         f.write(trials_csv(sorted(rows, key=lambda r: (r["size"], r["trial"]))))
     write_json(out / "best.json", best)
+    keys = ("recommended_share", "dev_gain", "dev_gain_low", "dev_gain_high", "forgetting", "specialist_forgetting",
+            "specialist_dev", "best_trial_share", "best_trial_dev")
+    write_json(out / "metrics.json", {**{k: best[k] for k in keys}, "trials": best["trials"]})
     return best

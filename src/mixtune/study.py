@@ -26,7 +26,7 @@ from mixtune import metrics as M
 from mixtune.config import MixConfig, StudyConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json
-from mixtune.tracking import Timer, repo_root, stage_run
+from mixtune.tracking import repo_root, stage_run
 
 # Keywords that say how a BIG-bench task is posed, not which skill it needs: they do not count for coverage.
 FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "json", "example task",
@@ -134,7 +134,7 @@ class _Runner:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def score(self, model) -> dict:
-        from mixtune.evaluate import correct
+        from mixtune.score import correct
 
         out = {}
         for split, examples in (("dev", self.dev), ("test", self.test)):
@@ -174,15 +174,14 @@ class _Runner:
             manifest = mix.run(MixConfig(specialist_size=cell["size"], generalist_share=cell["share"],
                                          seed=cell["seed"], corrupt_generalist=cell["corrupt"]),
                                self.prepared, Path(tmp) / "mix")
-            trainer = train.build_trainer(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
-                                          Path(tmp) / "checkpoints", self.prec, self.tokenizer)
-            trainer.args.set_save(strategy="no")  # a cell is short; an interrupted one is simply run again
-            train.add_progress(trainer, train_cfg, Timer(), [])  # per-step loss into the cell's run; NaN stops it
+            # A cell is short: no checkpoints, an interrupted one is simply run again.
+            trainer = train.tuner(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
+                                  Path(tmp) / "checkpoints", self.prec, self.tokenizer)
             try:
                 trainer.train()
             except MixtuneError as e:
                 raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: {e}") from None
-            tokens = round(train.dataset_tokens(trainer) * (trainer.state.epoch or 0.0))
+            tokens = train.trained_tokens(trainer)
             return {**self.score(trainer.model), "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
                     "generalist_size": manifest["generalist_size"], "corrupted": manifest["corrupted"],
                     "train_loss": trainer.state.log_history[-1].get("train_loss")}

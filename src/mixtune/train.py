@@ -1,6 +1,7 @@
 """train: TRL SFTTrainer + a PEFT LoRA adapter on the mix; loss on the completion only.
 
-Outputs: train/adapter/ (adapter + tokenizer), train/loss.csv (DVC plot), train/metrics.json (DVC metrics).
+Outputs: train/adapter/ (adapter + tokenizer), train/model.json (its MLflow run and logged model: register
+registers that), train/loss.csv (DVC plot), train/metrics.json (DVC metrics).
 Checkpoints go to .cache/checkpoints/<key of inputs and params>: DVC deletes a stage's outputs before it runs,
 so they live outside them, and a re-run after an interruption resumes from the last one.
 """
@@ -186,6 +187,26 @@ def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir:
                             peft_config=lora)
 
 
+def tuner(cfg: TrainConfig, base: str, examples: list[dict], workdir: Path, prec: str, tokenizer, *,
+          callbacks=(), checkpoints: bool = False, stop: _Stop | None = None, timer: Timer | None = None,
+          log_rows: list | None = None):
+    """The one way mixtune tunes an adapter (the train stage, the search's trials, the study's cells): the
+    SFTTrainer with LoRA on `examples`, per-step loss into the active MLflow run, a non-finite loss stops it.
+    `trainer.train()` is the caller's, so a trial that is pruned mid-way still counts its compute."""
+    trainer = build_trainer(cfg, base, examples, workdir, prec, tokenizer)
+    if not checkpoints:
+        trainer.args.set_save(strategy="no")
+    add_progress(trainer, cfg, timer or Timer(), [] if log_rows is None else log_rows, stop)
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    return trainer
+
+
+def trained_tokens(trainer) -> int:
+    """Tokens trained on so far (epochs done x tokens per epoch): the compute a run spent."""
+    return round(dataset_tokens(trainer) * (trainer.state.epoch or 0.0))
+
+
 def checkpoint_key(cfg: TrainConfig, model: ModelConfig, mix_sha: str) -> str:
     blob = json.dumps([cfg.model_dump(), model.model_dump(), mix_sha], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -217,10 +238,10 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
                 log_dataset(examples, mix_dir / "train.jsonl", f"mix-{manifest['sha256'][:12]}", "training")
         ckpt_dir = checkpoints / checkpoint_key(cfg, model_cfg, manifest["sha256"])
         tokenizer = load_tokenizer(base)
-        trainer = build_trainer(cfg, base, examples, ckpt_dir, prec, tokenizer)
         log_rows: list[dict] = []
+        trainer = tuner(cfg, base, examples, ckpt_dir, prec, tokenizer, checkpoints=True, stop=stop, timer=timer,
+                        log_rows=log_rows)
         tokens_per_epoch = dataset_tokens(trainer)
-        add_progress(trainer, cfg, timer, log_rows, stop)
         resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
         # Read now: save_total_limit deletes the resumed checkpoint once two newer ones are saved.
         resumed = _checkpoint_state(resume) if resume else {}
@@ -260,13 +281,13 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
             mlflow.log_dict(manifest, "mix_manifest.json")
             mlflow.log_artifact(str(out / "loss.csv"))
-            log_adapter(trainer.model, tokenizer, base)
+            info = log_adapter(trainer.model, tokenizer, base)
         metrics["stage_seconds"] = time.perf_counter() - t0
         metrics["mlflow_seconds"] = timer.seconds
         metrics["mlflow_share"] = timer.seconds / metrics["stage_seconds"]
         with timer():
             mlflow.log_metrics({k: metrics[k] for k in ("stage_seconds", "mlflow_seconds", "mlflow_share")})
-        metrics["run_id"] = mlrun.info.run_id
+        write_json(out / "model.json", {"run_id": mlrun.info.run_id, "model_uri": info.model_uri})
         write_json(out / "metrics.json", metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the adapter is saved and logged
     return metrics

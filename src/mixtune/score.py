@@ -1,0 +1,243 @@
+"""score: the one way mixtune scores an adapter, used by evaluate, the search's trials, register and the study.
+
+Predictions: classification and multiple choice answer the option with the highest log-likelihood after the
+prompt (the prompt runs once per example, batched; its KV cache is shared by the options); generative tasks
+answer by batched greedy generation.
+
+Metrics: each task is judged by its own metric (`auto`: macro-F1 for classification, whose classes are often
+imbalanced; accuracy for multiple choice; ROUGE-L for generation), and a scenario of several tasks by the
+unweighted mean over its tasks. Intervals: 95% percentile bootstrap over the examples, the same resamples for
+every system, so a difference between two systems is paired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from mixtune import metrics as M
+
+METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l")
+_PER_EXAMPLE = {"accuracy": M.exact_match, "exact_match": M.exact_match, "token_f1": M.token_f1,
+                "rouge_l": M.rouge_l}  # the mean of a per-example score (accuracy: the label, exactly)
+
+
+# --- predictions --------------------------------------------------------------------------------------------
+
+
+def _autocast(prec: str):
+    import torch
+
+    if prec == "fp32":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16 if prec == "bf16" else torch.float16)
+
+
+def _prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def _option_ids(tokenizer, prompt: list[dict], prompt_ids: list[int], option: str) -> list[int]:
+    """The option's tokens exactly as training saw the completion: the chat template's tail after the prompt."""
+    full = list(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": option}], tokenize=True,
+                                              return_dict=False))
+    if full[: len(prompt_ids)] != prompt_ids:  # a template that merges across the boundary: score the text alone
+        return tokenizer(option, add_special_tokens=False)["input_ids"]
+    return full[len(prompt_ids):]
+
+
+def score_options(model, tokenizer, examples: list[dict], batch_size: int, prec: str) -> list[list[float]]:
+    """Log-likelihood of each option of each example. Prompts are left-padded so they all end together; one
+    forward over the prompts, then one over every (example, option) continuation on the repeated KV cache."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    all_prompts = [_prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(all_prompts[i]))  # similar lengths: little padding
+    scores: list[list[float]] = [[] for _ in examples]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch, prompts = [examples[i] for i in idx], [all_prompts[i] for i in idx]
+        options = [[_option_ids(tokenizer, ex["prompt"], p, o) for o in ex["options"]] for ex, p in zip(batch, prompts)]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        rows = [(i, o) for i, opts in enumerate(options) for o in opts]
+        owidth = max(len(o) for _, o in rows)
+        oids = torch.tensor([o + [pad] * (owidth - len(o)) for _, o in rows], device=device)
+        omask = torch.tensor([[1] * len(o) + [0] * (owidth - len(o)) for _, o in rows], device=device)
+        which = torch.tensor([i for i, _ in rows], device=device)
+        with torch.inference_mode(), _autocast(prec):
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            first = torch.log_softmax(out.logits[:, -1].float(), -1)[which, oids[:, 0]]
+            cache = out.past_key_values
+            cache.batch_select_indices(which)
+            cont = model(input_ids=oids, attention_mask=torch.cat([mask[which], omask], 1), past_key_values=cache,
+                         use_cache=False)
+            logp = torch.log_softmax(cont.logits[:, :-1].float(), -1).gather(-1, oids[:, 1:, None]).squeeze(-1)
+            total = first + (logp * omask[:, 1:]).sum(-1)
+        flat = total.tolist()
+        for i, opts in zip(idx, options):
+            scores[i] = flat[: len(opts)]
+            flat = flat[len(opts):]
+    return scores
+
+
+def generate(model, tokenizer, examples: list[dict], batch_size: int, max_new_tokens: int, prec: str) -> list[str]:
+    """Batched greedy generation: left padding, KV cache."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    texts: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [_prompt_ids(tokenizer, ex["prompt"]) for ex in examples[start : start + batch_size]]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with torch.inference_mode(), _autocast(prec):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [t.strip() for t in texts]
+
+
+def label_from_text(text: str, options: list[str]) -> str:
+    """Map a generated answer to an option: exact (normalized) match first, else the first option it names."""
+    if not text.strip():  # no answer names no option (an option "a" normalizes to "" like the empty text)
+        return ""
+    norm = M.normalize_answer(text)
+    for o in options:
+        if M.normalize_answer(o) == norm:
+            return o
+    for o in options:  # whole words only: "tech" is not named by "biotechnology"
+        if M.normalize_answer(o) and f" {M.normalize_answer(o)} " in f" {norm} ":
+            return o
+    return ""
+
+
+def predict(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[str]:
+    """Each example's answer, the way it is scored: the most likely option (classification, multiple choice),
+    else the greedy text. `cfg`: batch_size and max_new_tokens (of evaluate). The model's mode is restored."""
+    training = model.training
+    model.eval()
+    choice = [i for i, ex in enumerate(examples) if ex["options"]]
+    free = [i for i, ex in enumerate(examples) if not ex["options"]]
+    preds = [""] * len(examples)
+    if choice:
+        scored = score_options(model, tokenizer, [examples[i] for i in choice], cfg.batch_size, prec)
+        for i, s in zip(choice, scored):
+            preds[i] = examples[i]["options"][int(np.argmax(s))]
+    if free:
+        for i, t in zip(free, generate(model, tokenizer, [examples[i] for i in free], cfg.batch_size,
+                                       cfg.max_new_tokens, prec)):
+            preds[i] = t
+    model.train(training)
+    return preds
+
+
+def correct(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[float]:
+    """Each example's exact match (the chosen label, for classification and multiple choice): the study's
+    per-example score."""
+    return [M.exact_match(p, ex["completion"]) for p, ex in zip(predict(model, tokenizer, examples, cfg, prec),
+                                                               examples)]
+
+
+# --- metrics ------------------------------------------------------------------------------------------------
+
+
+def task_kind(examples: list[dict]) -> str:
+    """classification (every example of a task has the same options: its labels), multiple_choice (options
+    vary), or generation (no options)."""
+    if not all(ex["options"] for ex in examples):
+        return "generation"
+    labels: dict[str, set] = {}
+    for ex in examples:
+        labels.setdefault(ex["task"], set()).add(tuple(ex["options"]))
+    return "classification" if all(len(v) == 1 for v in labels.values()) else "multiple_choice"
+
+
+def metric_name(setting: str, examples: list[dict]) -> str:
+    """`auto` -> the task's own metric; any other setting is checked against what the examples allow."""
+    kind = task_kind(examples)
+    if setting == "auto":
+        return {"classification": "macro_f1", "multiple_choice": "accuracy", "generation": "rouge_l"}[kind]
+    if setting in ("accuracy", "macro_f1") and kind == "generation":
+        from mixtune.errors import MixtuneError
+
+        raise MixtuneError(f"search.metric={setting}: needs options (classification or multiple choice); "
+                           "these examples are generative (use exact_match, token_f1 or rouge_l)")
+    return setting
+
+
+class Scorer:
+    """One metric over one fixed list of examples (a split of one task or a scenario of several).
+
+    `encode(preds)` turns a system's predictions into numbers once; `value(enc, idx)` gives the scenario score
+    (the unweighted mean over tasks) and each task's, on the examples `idx` (a bootstrap resample)."""
+
+    def __init__(self, examples: list[dict], metric: str) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}")
+        self.metric, self.n = metric, len(examples)
+        self.tasks = sorted({ex["task"] for ex in examples})
+        self.task_of = np.array([self.tasks.index(ex["task"]) for ex in examples])
+        self.golds = [ex["completion"] for ex in examples]
+        if metric == "macro_f1":  # labels per task: the options of its examples
+            self.labels = {t: sorted({o for ex in examples if ex["task"] == t for o in ex["options"] or [ex["completion"]]})
+                           for t in self.tasks}
+            self.gold_codes = np.array([self._code(ex["task"], ex["completion"]) for ex in examples])
+
+    def _code(self, task: str, label: str) -> int:
+        labels = self.labels[task]
+        return labels.index(label) if label in labels else -1
+
+    def encode(self, preds: list[str]) -> np.ndarray:
+        if len(preds) != self.n:
+            raise ValueError(f"{len(preds)} predictions for {self.n} examples")
+        if self.metric == "macro_f1":
+            return np.array([self._code(self.tasks[t], p) for t, p in zip(self.task_of, preds)])
+        fn = _PER_EXAMPLE[self.metric]
+        return np.array([fn(p, g) for p, g in zip(preds, self.golds)], dtype=float)
+
+    def value(self, enc: np.ndarray, idx: np.ndarray | None = None) -> tuple[float, dict[str, float]]:
+        idx = np.arange(self.n) if idx is None else idx
+        per_task = {}
+        for t, task in enumerate(self.tasks):
+            sel = idx[self.task_of[idx] == t]
+            if len(sel):
+                per_task[task] = self._macro_f1(enc[sel], self.gold_codes[sel], len(self.labels[task])) \
+                    if self.metric == "macro_f1" else float(enc[sel].mean())
+        return float(np.mean(list(per_task.values()))), per_task
+
+    @staticmethod
+    def _macro_f1(pred: np.ndarray, gold: np.ndarray, n_labels: int) -> float:
+        """metrics.macro_f1 on label codes (-1: an answer that is no label), fast enough to bootstrap."""
+        hit = pred == gold
+        tp = np.bincount(gold[hit], minlength=n_labels)
+        fp = np.bincount(pred[~hit & (pred >= 0)], minlength=n_labels)
+        fn = np.bincount(gold[~hit], minlength=n_labels)
+        seen = (tp + fp + fn) > 0
+        return float((2 * tp[seen] / (2 * tp + fp + fn)[seen]).mean()) if seen.any() else 0.0
+
+
+def compare(scorer: Scorer, systems: dict[str, list[str]], resamples: int, seed: int,
+            gains: tuple[tuple[str, str], ...] = ()) -> dict:
+    """Each system's score with its 95% interval and per-task scores, and each (a, b) gain a - b with its paired
+    interval: every system is scored on the same resamples of the examples."""
+    enc = {name: scorer.encode(p) for name, p in systems.items()}
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, scorer.n, scorer.n) for _ in range(resamples)]
+    boot = {name: np.array([scorer.value(e, idx)[0] for idx in draws]) for name, e in enc.items()}
+    out: dict = {"metric": scorer.metric, "n": scorer.n, "tasks": scorer.tasks}
+    for name, e in enc.items():
+        value, per_task = scorer.value(e)
+        low, high = M.interval(boot[name])
+        out[name] = {"value": value, "low": low, "high": high, "per_task": per_task}
+    for a, b in gains:
+        low, high = M.interval(boot[a] - boot[b])
+        out[f"{a}-{b}"] = {"value": out[a]["value"] - out[b]["value"], "low": low, "high": high}
+    return out
