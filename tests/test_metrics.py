@@ -253,3 +253,18 @@ def test_label_from_text_multiword_and_article_options():
     assert label_from_text("A", ["a", "b", "c"]) == "a"  # "a" normalizes to "" like the text: exact match
     assert label_from_text("b", ["a", "b", "c"]) == "b"
     assert label_from_text("", ["a", "b", "c"]) == ""  # an empty answer is no answer, not the option "a"
+
+
+def test_a_generative_scenario_scores_each_task_by_rouge_l_and_averages():
+    """Two generative tasks (a writing-assistant scenario in small): `auto` is ROUGE-L, each task's own score is
+    kept, and the scenario's score is their unweighted mean, exactly."""
+    ex = [{"id": "s/0", "task": "summarize", "completion": "the cat sat", "options": None},
+          {"id": "s/1", "task": "summarize", "completion": "a red door", "options": None},
+          {"id": "t/0", "task": "title", "completion": "rain in spain", "options": None}]
+    pred = ["the cat sat down", "a door", "spain"]
+    assert score.metric_name("auto", ex) == "rouge_l"
+    out = _cmp(ex, {"tuned": pred}, "rouge_l", 100)
+    # ROUGE-L F: LCS 3 of 4 and 3 -> 6/7; "a door" vs "a red door": LCS 2 -> 2*(1*2/3)/(1+2/3) = 0.8;
+    # "spain" vs "rain in spain": LCS 1 -> 2*(1*1/3)/(1+1/3) = 0.5
+    assert out["tuned"]["per_task"] == {"summarize": pytest.approx((6 / 7 + 0.8) / 2), "title": pytest.approx(0.5)}
+    assert out["tuned"]["value"] == pytest.approx(((6 / 7 + 0.8) / 2 + 0.5) / 2)
