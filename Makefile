@@ -20,7 +20,7 @@ MLFLOW_PORT ?= 5000
 
 run: fetch
 	$(BIN)/dvc repro
-	@$(BIN)/dvc status
+	@$(BIN)/dvc status dvc.yaml
 
 test: fetch
 	$(BIN)/pytest -q

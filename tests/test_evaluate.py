@@ -120,7 +120,7 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
     trained_model = json.loads((root / "train" / "model.json").read_text())
     assert details["metric"] == "macro_f1" and details["split"] == "test"  # auto: classification -> macro-F1
     assert details["model_uri"] == trained_model["model_uri"] and details["train_run_id"] == trained_model["run_id"]
-    assert details["share_source"] == "manual" and result["share"] == 0.2
+    assert details["share_source"] == "manual" and result["share"] == 0.2 and details["specialist_size"] == 32
     assert result["n"] == len(test) == 12
     m = result["macro_f1"]
     assert set(m) == {"tuned", "base", "specialist", "gain", "gain_vs_specialist"}
@@ -154,12 +154,21 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
     assert f["probe_n"] == len(probe) == 10
     assert f["tuned"] == f["specialist"] and f["tuned"]["low"] <= f["tuned"]["value"] <= f["tuned"]["high"]
     assert not {ex["id"] for ex in probe} & {ex["id"] for ex in read_jsonl(root / "mix" / "train.jsonl")}
+    from mixtune.model import load_base, load_tokenizer
+
+    from mixtune.model import precision
+
+    base_answers = score.predict(load_base(str(tiny_model)), load_tokenizer(str(tiny_model)), probe, _eval_cfg(),
+                                 precision("auto"))  # as evaluate scores
+    # plain accuracy over the questions (as each search trial scores the probe), not a mean over their 3 tasks
+    assert f["base_accuracy"] == pytest.approx(np.mean([a == ex["completion"] for a, ex in zip(base_answers, probe)]))
 
     # The MLflow run, in the same experiment as the train run it evaluated.
     client = MlflowClient(tracking_uri=uri)
     train_run, eval_run = runs(uri)
     assert train_run.info.run_id == trained_model["run_id"]
-    assert eval_run.info.status == "FINISHED" and eval_run.info.run_name == "evaluate"
+    assert eval_run.info.status == "FINISHED" and eval_run.info.run_name == "evaluate r=0.20 set, n=32"
+    assert train_run.info.run_name == "train r=0.20 set, n=32"  # the share and the size tell runs apart
     tags = eval_run.data.tags
     assert tags["mixtune.stage"] == "evaluate" and tags["mixtune.train_run_id"] == trained_model["run_id"]
     assert tags["mixtune.split"] == "test" and tags["mixtune.metric"] == "macro_f1"

@@ -104,6 +104,8 @@ def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(proje
     assert result["name"] == NAME and result["version"] == 1 and result["created"] and result["promoted"]
     assert f"{NAME} version 1: first version" in out
     assert alias("champion") == "1" and alias("candidate") == "1"
+    run = client().get_run(versions()["1"]["mixtune.register_run_id"])
+    assert run.info.run_name == f"register r={measured['share']:.2f} auto, n=16"
     tags = versions()["1"]
     # evaluate's test score, by evaluate's metric (auto: macro-F1 for this classification task), not a second pass
     assert details["metric"] == "macro_f1" and tags["mixtune.test_metric"] == "macro_f1"

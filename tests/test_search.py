@@ -118,6 +118,7 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
         assert run.info.run_id == trials[n].user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"
         assert run.data.tags["mixtune.trial_state"] == "COMPLETE"
         assert float(run.data.params["generalist_share"]) == trials[n].params["generalist_share"]
+        assert run.info.run_name == f"trial {n} r={trials[n].params['generalist_share']:.2f}"
         assert run.data.metrics["dev.macro_f1"] == trials[n].value
         assert "probe_accuracy" in run.data.metrics
     from mlflow import MlflowClient

@@ -107,3 +107,13 @@ def test_unreachable_store_is_one_line_error(tmp_path, monkeypatch):
         with tracking.stage_run("train", ["topic"], {}):
             pass
     assert "\n" not in str(e.value)
+
+
+def test_a_run_is_named_by_its_share_size_and_dvc_experiment(monkeypatch):
+    from mixtune.tracking import mix_label
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    manifest = {"generalist_share": 0.2718, "share_source": "auto", "specialist_size": 64}
+    assert mix_label(manifest) == "r=0.27 auto, n=64"
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-ions")  # set by DVC for a stage run by `dvc exp run`
+    assert mix_label({**manifest, "share_source": "manual"}) == "r=0.27 set, n=64 [brisk-ions]"

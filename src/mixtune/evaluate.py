@@ -20,7 +20,7 @@ from mixtune.config import EvaluateConfig, ModelConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file, read_jsonl, write_json, write_jsonl
 from mixtune.model import load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
-from mixtune.tracking import Timer, log_dataset, stage_run
+from mixtune.tracking import Timer, log_dataset, mix_label, stage_run
 
 SYSTEMS = ("tuned", "base", "specialist")
 
@@ -55,7 +55,9 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
     examples = read_jsonl(split_path)[: cfg.max_examples]
     if not examples:
         raise MixtuneError(f"{split_path}: no examples to evaluate")
-    probe = read_jsonl(prepared / "generalist_probe.jsonl")
+    # The probe is scored question by question (plain accuracy), as the search's trials score it: its questions
+    # come from many generalist tasks, whose mean per task would weigh one question as much as ten.
+    probe = [{**ex, "task": "probe"} for ex in read_jsonl(prepared / "generalist_probe.jsonl")]
     manifest = _read(mix / "manifest.json", "mix")
     base_path = resolve_base(model_cfg.base)
     adapters = {"tuned": train / "adapter", "specialist": search / "specialist_adapter"}
@@ -71,7 +73,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
               "mix": {k: manifest[k] for k in ("specialist_size", "generalist_share", "generalist_size", "seed",
                                                "share_source")}}
 
-    with stage_run("evaluate", manifest["specialist_tasks"], params, tags, timer) as mlrun:
+    with stage_run("evaluate", manifest["specialist_tasks"], params, tags, timer, label=mix_label(manifest)) as mlrun:
         t0 = time.perf_counter()
         import mlflow
 
@@ -99,6 +101,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
                 f.write("actual,predicted\n")
                 f.writelines(f"{r['gold']},{r['tuned']}\n" for r in rows)
         details = {"metric": metric, "split": cfg.split, "tasks": cmp["tasks"], "share_source": manifest["share_source"],
+                   "specialist_size": manifest["specialist_size"],
                    "train_run_id": trained["run_id"], "model_uri": trained["model_uri"],
                    "run_id": mlrun.info.run_id if mlrun else None,
                    "seconds_per_example": seconds["tuned"] / len(examples),

@@ -19,7 +19,7 @@ from mixtune import score
 from mixtune.config import RegisterConfig, load_section
 from mixtune.errors import MixtuneError, first_line
 from mixtune.files import read_jsonl, sha256_file, write_json
-from mixtune.tracking import data_hash, stage_run, tracking_uri
+from mixtune.tracking import data_hash, mix_label, stage_run, tracking_uri
 
 EVALUATE_KEYS = ("bootstrap", "seed")  # of evaluate's keys, the ones register reads (the champion's interval)
 PREDICTIONS = "test_predictions.json"  # in each register run: the candidate's predictions on the test split
@@ -116,7 +116,9 @@ def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train:
             "mixtune.evaluate_run_id": details["run_id"] or ""}
 
     # The run opens first: an unreachable store fails here, before anything is changed.
-    with stage_run("register", tasks, params, tags) as mlrun:
+    label = mix_label({"generalist_share": measured["share"], "share_source": details["share_source"],
+                       "specialist_size": details["specialist_size"]})
+    with stage_run("register", tasks, params, tags, label=label) as mlrun:
         import mlflow
 
         client = mlflow.MlflowClient()

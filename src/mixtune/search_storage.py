@@ -192,7 +192,7 @@ def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict) 
             with contextlib.suppress(Exception):  # another tracking store than the one that made it
                 run = mlflow.get_run(run_id)
         if run is None:
-            with stage_run("search", tasks, params, tags) as run:
+            with stage_run("search", tasks, params, tags, label=f"n={study.user_attrs['specialist_size']}") as run:
                 pass
             study.set_user_attr("mlflow_run_id", run.info.run_id)
     finally:
@@ -206,7 +206,7 @@ def trial_run(parent: Parent, trial, share: float, size: int):
     import mlflow
     import optuna
 
-    run = mlflow.start_run(experiment_id=parent.experiment_id, run_name=f"trial {trial.number}", nested=True,
+    run = mlflow.start_run(experiment_id=parent.experiment_id, run_name=f"trial {trial.number} r={share:.2f}", nested=True,
                            parent_run_id=parent.run_id,
                            tags={"mixtune.stage": "search-trial", "mixtune.study": trial.study.study_name,
                                  "mixtune.trial": str(trial.number), "mixtune.worker": trial.user_attrs["worker"]})

@@ -60,6 +60,15 @@ def data_hash() -> str | None:
     return outs[0].get("md5")
 
 
+def mix_label(manifest: dict) -> str:
+    """What tells one run of a stage from another in the UI: the share (from the search, or set by hand), the
+    specialist size, and the DVC experiment's name when `dvc exp run` runs it (DVC sets DVC_EXP_NAME)."""
+    how = "auto" if manifest.get("share_source") == "auto" else "set"
+    label = f"r={manifest['generalist_share']:.2f} {how}, n={manifest['specialist_size']}"
+    exp = os.environ.get("DVC_EXP_NAME")
+    return f"{label} [{exp}]" if exp else label
+
+
 def is_main_process() -> bool:
     """Under `accelerate launch` every rank runs the stage; only rank 0 tracks and writes outputs."""
     return os.environ.get("RANK", "0") == "0"
@@ -91,7 +100,7 @@ def log_dataset(examples: list[dict], path: Path, name: str, context: str) -> No
 
 @contextlib.contextmanager
 def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict | None = None,
-              timer: Timer | None = None, run_id: str | None = None) -> Iterator[object]:
+              timer: Timer | None = None, run_id: str | None = None, label: str = "") -> Iterator[object]:
     """Open the stage's run, or reopen `run_id` (a search's study keeps one run across re-runs; its params were
     logged when it was made). It ends FINISHED, FAILED (an error) or KILLED (SIGINT/SIGTERM)."""
     timer = timer or Timer()
@@ -116,7 +125,7 @@ def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict 
             if run_id:
                 run = mlflow.start_run(run_id=run_id)
             else:
-                run = mlflow.start_run(experiment_id=exp_id, run_name=stage)
+                run = mlflow.start_run(experiment_id=exp_id, run_name=f"{stage} {label}".strip())
         except Exception as e:  # an unreachable server or a broken store
             raise MixtuneError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
         mlflow.set_tags({"mixtune.stage": stage, "mlflow.source.git.commit": git_commit() or "",

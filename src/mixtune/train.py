@@ -22,7 +22,7 @@ from mixtune.config import ModelConfig, TrainConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, write_json
 from mixtune.model import load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import Timer, log_dataset, stage_run
+from mixtune.tracking import Timer, log_dataset, mix_label, stage_run
 
 # LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
 # frozen base weights get no gradient).
@@ -226,7 +226,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
               "precision_used": prec}
     tags = {"mixtune.mix_sha256": manifest["sha256"]}
 
-    with _Stop() as stop, stage_run("train", manifest["specialist_tasks"], params, tags, timer) as mlrun:
+    with _Stop() as stop, stage_run("train", manifest["specialist_tasks"], params, tags, timer,
+                                          label=mix_label(manifest)) as mlrun:
         t0 = time.perf_counter()
         import mlflow
         from transformers.trainer_utils import get_last_checkpoint
