@@ -13,7 +13,6 @@ after the first (warm-up), alternating baseline and mixtune runs; the figure is 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

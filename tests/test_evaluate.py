@@ -10,17 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import section
+from workspace import (
+    TASK,
+    classification,
+    make_mix,
+    multiple_choice,
+    runs,
+    train_config,
+    use_store,
+    write_prepared,
+)
 
 from mixtune import evaluate, score, train
 from mixtune import metrics as M
 from mixtune.config import EvaluateConfig, ModelConfig
-
-from conftest import section
 from mixtune.files import read_jsonl
-
-from workspace import (TASK, classification, make_mix, multiple_choice, runs, train_config, use_store,
-                       write_prepared)
-
 
 # --- option scoring --------------------------------------------------------------------------------------------
 
@@ -154,9 +159,7 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
     assert f["probe_n"] == len(probe) == 10
     assert f["tuned"] == f["specialist"] and f["tuned"]["low"] <= f["tuned"]["value"] <= f["tuned"]["high"]
     assert not {ex["id"] for ex in probe} & {ex["id"] for ex in read_jsonl(root / "mix" / "train.jsonl")}
-    from mixtune.model import load_base, load_tokenizer
-
-    from mixtune.model import precision
+    from mixtune.model import load_base, load_tokenizer, precision
 
     base_answers = score.predict(load_base(str(tiny_model)), load_tokenizer(str(tiny_model)), probe, _eval_cfg(),
                                  precision("auto"))  # as evaluate scores

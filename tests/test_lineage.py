@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from mixtune import lineage
 from mixtune.cli import build_parser
 from mixtune.config import load_section
 from mixtune.errors import MixtuneError
-
-from conftest import REPO
 
 DVC_FILES = ("dvc.yaml", "study/dvc.yaml")
 PARAMS_FILES = {"params.yaml": ("prepare", "mix", "model", "train", "evaluate", "search", "register"),

@@ -10,7 +10,6 @@ from mixtune import score
 from mixtune.errors import MixtuneError
 from mixtune.score import label_from_text
 
-
 # --- classification -------------------------------------------------------------------------------------------
 
 

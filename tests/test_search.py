@@ -14,7 +14,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import search_project as sp
@@ -269,7 +268,6 @@ def postgres():
 
 def test_two_workers_share_one_postgres_study(project, tiny_model, postgres, monkeypatch):
     import mlflow
-    import optuna
 
     # psycopg2 named for MLflow (SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3); search.storage needs not.
     storage, tracking = f"{postgres}/optuna", f"{postgres.replace('postgresql', 'postgresql+psycopg2')}/mlflow"

@@ -183,8 +183,22 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert "MLmodel" in model_files and "adapter_model.safetensors" in model_files
     assert "model.safetensors" not in model_files  # the base model is referenced by path, not copied
     pyfunc = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
-    out = pyfunc.predict("Which class? Answer with one of: a, b, c.", params={"max_new_tokens": 3})
-    assert isinstance(out, str) or (isinstance(out, list) and len(out) == 1 and isinstance(out[0], str))
+    prompt = "Which class? Answer with one of: a, b, c."
+    out = pyfunc.predict(prompt, params={"max_new_tokens": 3})
+    served = out if isinstance(out, str) else out[0]
+    # It is the saved adapter answering: its greedy continuation (the served one may run longer: the model's
+    # own max_new_tokens), without the prompt echoed back.
+    import torch
+
+    from mixtune.model import load_adapter, load_base, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    adapter = load_adapter(load_base(str(tiny_model)), tmp_path / "train" / "adapter").eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        new = adapter.generate(**ids, max_new_tokens=3, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    expected = tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert expected and served.strip().startswith(expected) and not served.startswith(prompt)
 
 
 def test_nan_loss_fails_the_run(tmp_path, monkeypatch, tiny_model):
