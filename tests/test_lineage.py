@@ -169,8 +169,7 @@ def test_every_key_comes_from_the_params_file(params_file, tmp_path):
     has no default of its own."""
     raw = yaml.safe_load((REPO / params_file).read_text())
     for section in PARAMS_FILES[params_file]:
-        full = load_section(section, REPO / params_file)
-        assert full.model_dump(by_alias=True) is not None
+        load_section(section, REPO / params_file)  # whole, the file loads
         for path in _leaves(raw[section]):
             cut = copy.deepcopy(raw)
             *parents, last = path.split(".")

@@ -112,8 +112,8 @@ class _Trials:
             mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
         model = trainer.model
         preds = self.predict(model, self.dev)
-        value, per_task = self.scorer.value(self.scorer.encode(preds))
         cmp = score.compare(self.scorer, {"trial": preds}, self.eval_cfg.bootstrap, self.cfg.seed)["trial"]
+        value, per_task = cmp["value"], cmp["per_task"]
         probe = _correct(self.probe, self.predict(model, self.probe)) if self.probe else ""
         _set_attrs(trial, {"dev_metric": value, "dev_low": cmp["low"], "dev_high": cmp["high"],
                            "dev_per_task": per_task, "dev_predictions": preds, "probe": probe})
@@ -195,10 +195,8 @@ def _fit(done: list, scorer: score.Scorer, max_share: float, resamples: int, see
         return None
     enc = [scorer.encode(t.user_attrs["dev_predictions"]) for t in done]
     spec_enc = scorer.encode(spec.user_attrs["dev_predictions"])
-    values = lambda idx: np.array([scorer.value(e, idx)[0] for e in enc])  # noqa: E731
-    fit = M.fit_curve(shares, values, scorer.n, max_share, resamples, seed,
-                      reference=lambda idx: scorer.value(spec_enc, idx)[0])
-    return fit
+    return M.fit_curve(shares, lambda idx: np.array([scorer.value(e, idx)[0] for e in enc]), scorer.n, max_share,
+                       resamples, seed, reference=lambda idx: scorer.value(spec_enc, idx)[0])
 
 
 def recommend(study, scorer: score.Scorer, cfg, resamples: int) -> dict:
