@@ -16,13 +16,17 @@ from pathlib import Path
 
 import yaml
 
-from mixtune.files import write_jsonl
+from mixtune.config import FileSource
+from mixtune.files import write_json, write_jsonl
+from mixtune.sources import read_source
 from mixtune.schema import make_example
 
 from conftest import merged, repo_params, sentence
 
 TASK = "topic"
 LABELS = ["a", "b"]
+SOURCE = {"name": TASK, "kind": "file", "path": "data/topic.jsonl", "format": "classification", "labels": LABELS,
+          "instruction": "Which class?"}
 
 
 def _examples(source: str, n: int, rng: random.Random, options: list[str] | None) -> list[dict]:
@@ -38,7 +42,7 @@ def params(tiny_model: Path, **sections) -> dict:
         mix={"specialist_size": 16, "generalist_share": 0.0, "seed": 0},
         model={"base": str(tiny_model)},
         train={"lora": {"r": 4, "alpha": 8}, "max_steps": 4, "batch_size": 4, "precision": "fp32",
-               "logging_steps": 2, "group_by_length": False, "max_length": 64},
+               "logging_steps": 2, "group_by_length": False, "max_length": 128},
         evaluate={"batch_size": 8, "max_new_tokens": 8, "max_examples": None, "bootstrap": 100, "seed": 0},
         search={"n_trials": 3, "max_share": 0.75, "eval_every": 2, "dev_examples": 6},
     )
@@ -47,12 +51,17 @@ def params(tiny_model: Path, **sections) -> dict:
 
 
 def make_project(root: Path, tiny_model: Path, generalist: int = 60, **sections) -> Path:
-    """prepared/ (specialist train 40, dev 12, test 12; a generalist pool) and params.yaml under `root`."""
+    """prepared/ (specialist train 40, dev 12, test 12, read from the raw file data/topic.jsonl by the source
+    reader prepare uses, with its recipe; a generalist pool) and params.yaml under `root`."""
     rng = random.Random(11)
     prepared = root / "prepared"
-    write_jsonl(prepared / "specialist" / "train.jsonl", _examples("spec", 40, rng, LABELS))
-    write_jsonl(prepared / "specialist" / "dev.jsonl", _examples("dev", 12, rng, LABELS))
-    write_jsonl(prepared / "specialist" / "test.jsonl", _examples("test", 12, rng, LABELS))
+    write_jsonl(root / SOURCE["path"], [{"text": sentence(rng, 8), "label": rng.choice(LABELS)} for _ in range(64)])
+    recipes: dict = {}
+    spec = read_source(FileSource.model_validate(SOURCE), root, recipes=recipes)
+    write_jsonl(prepared / "specialist" / "train.jsonl", spec[:40])
+    write_jsonl(prepared / "specialist" / "dev.jsonl", spec[40:52])
+    write_jsonl(prepared / "specialist" / "test.jsonl", spec[52:])
+    write_json(prepared / "specialist" / "recipe.json", {"tasks": recipes})
     write_jsonl(prepared / "generalist.jsonl", _examples("gen", generalist, rng, None))
     write_jsonl(prepared / "generalist_probe.jsonl", _examples("probe", 8, rng, ["p", "q"]))
     write_params(root, tiny_model, **sections)

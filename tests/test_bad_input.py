@@ -62,6 +62,11 @@ def test_empty_required_field(tmp_path, cli):
     prepare_fails(tmp_path, cli, None, None, "spec.jsonl:5:", "field 'text'", "empty")
 
 
+def test_whitespace_only_required_field(tmp_path, cli):
+    write_jsonl(tmp_path / "spec.jsonl", [*GOOD[:4], {"text": " \n\t ", "label": "a"}])
+    prepare_fails(tmp_path, cli, None, None, "spec.jsonl:5:", "field 'text': only whitespace")
+
+
 def test_empty_field_in_a_csv_record(tmp_path, cli):
     (tmp_path / "spec.csv").write_text("text,label\nhello world,a\n,b\n")
     prepare_fails(tmp_path, cli, spec_source("spec.csv"), None, "spec.csv:3:", "field 'text'", "empty")

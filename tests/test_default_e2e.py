@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -67,9 +68,24 @@ def test_default_pipeline_answers_trains_evaluates_and_registers(tmp_path, bigbe
 
     # Register: the version evaluate measured, champion as the first.
     registered = json.loads((repo / "register" / "result.json").read_text())
-    assert registered["version"] == 1 and registered["promoted"] and registered["metric"] == "macro_f1"
+    assert registered["version"] == 1 and registered["promoted"]
     assert registered["test_score"] == pytest.approx(m["tuned"]["value"])
     assert "up to date" in sh(repo, str(BIN / "dvc"), "status")
+
+    # The champion takes raw articles, as the user's file holds them, and answers what evaluate scored.
+    test = [json.loads(line) for line in open(repo / "prepared" / "specialist" / "test.jsonl")][:20]
+    raw = [json.loads(line) for line in open(REAL_BBC)]
+    with open(repo / "articles.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "text"])
+        w.writeheader()
+        w.writerows({"id": ex["id"], "text": raw[int(ex["id"].split("/")[1])]["text"]} for ex in test)
+    out = sh(repo, str(BIN / "mixtune"), "predict", "--model", "models:/mixtune-bbc_news@champion",
+             "--input", "articles.csv", "--output", "served.jsonl")
+    assert "predict: 20 predictions in served.jsonl" in out
+    served = [json.loads(line) for line in open(repo / "served.jsonl")]
+    assert [s["id"] for s in served] == [r["id"] for r in rows]
+    assert [s["prediction"] for s in served] == [r["tuned"] for r in rows]
+    assert all(set(s["probabilities"]) == labels for s in served)
 
     import mlflow
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def client():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the env, not the last mlflow.set_tracking_uri
 
 
+def runs_of(stage: str) -> list:
+    exp = client().get_experiment_by_name(f"mixtune/{sp.TASK}")
+    return client().search_runs([exp.experiment_id], f"tags.`mixtune.stage` = '{stage}'")
+
+
 def versions() -> dict[str, dict]:
     return {str(v.version): v.tags for v in client().search_model_versions(f"name = '{NAME}'")}
 
@@ -75,8 +81,7 @@ def evaluated_as(root: Path, size_trial: tuple[int, int], correct: int, n: int =
          "tuned": ex["completion"] if i < correct else next(o for o in ex["options"] if o != ex["completion"])}
         for i, ex in enumerate(test)])
     details = json.loads((root / "eval" / "details.json").read_text())
-    write_json(root / "eval" / "details.json", {**details, "metric": "accuracy", "model_uri": t.user_attrs["model_uri"],
-                                                "train_run_id": t.user_attrs["mlflow_run_id"], "share_source": "manual"})
+    write_json(root / "eval" / "details.json", {**details, "metric": "accuracy", "share_source": "manual"})
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     write_json(root / "eval" / "metrics.json", {**metrics, "share": t.params["generalist_share"]})
 
@@ -90,18 +95,16 @@ def one_line(err: str, *fragments: str) -> str:
     return lines[0]
 
 
-def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(project, cli, monkeypatch):
-    def no_model(*a, **kw):
-        raise AssertionError("register loaded a model: it must take evaluate's answers")
-
-    monkeypatch.setattr("mixtune.model.load_base", no_model)
+def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(project, cli):
     details = json.loads((project / "eval" / "details.json").read_text())
     measured = json.loads((project / "eval" / "metrics.json").read_text())
-    trained = json.loads((project / "train" / "model.json").read_text())
+    evaluated = runs_of("evaluate")[0]
     rc, out, err = cli("register")
     assert rc == 0, err
     result = json.loads((project / "register" / "result.json").read_text())
-    assert result["name"] == NAME and result["version"] == 1 and result["created"] and result["promoted"]
+    # numbers only (`dvc exp show`): the name and the reason are printed and are the version's tags
+    assert result["version"] == 1 and result["created"] and result["promoted"] and result["champion"] == 1
+    assert not [k for k, v in result.items() if isinstance(v, str)]
     assert f"{NAME} version 1: first version" in out
     assert alias("champion") == "1" and alias("candidate") == "1"
     run = client().get_run(versions()["1"]["mixtune.register_run_id"])
@@ -118,8 +121,9 @@ def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(proje
     assert float(tags["mixtune.forgetting"]) == pytest.approx(measured["forgetting"]["tuned"]["value"])
     assert tags["mixtune.decision"] == "promoted" and tags["mixtune.reason"] == "first version: no champion yet"
     assert tags["mixtune.champion_version"] == "" and tags["mixtune.champion_score"] == ""
-    v = client().get_model_version(NAME, "1")
-    assert (v.source, v.run_id) == (trained["model_uri"], trained["run_id"])  # the final adapter, as train logged it
+    # the runs that made it, found by the files' sha256: evaluate's (of its predictions) and train's (of the adapter)
+    assert tags["mixtune.evaluate_run_id"] == evaluated.info.run_id
+    assert tags["mixtune.source_run_id"] == runs_of("train")[0].info.run_id == evaluated.data.tags["mixtune.train_run_id"]
     # The test predictions, kept with the register run: the next candidate's gain is paired on them.
     from mlflow.artifacts import load_dict
 
@@ -129,7 +133,7 @@ def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(proje
     rc, out, err = cli("register")
     assert rc == 0, err
     again = json.loads((project / "register" / "result.json").read_text())
-    assert again["version"] == 1 and not again["created"] and "already registered" in again["reason"]
+    assert again["version"] == 1 and not again["created"] and f"{NAME} version 1: already registered" in out
     assert list(versions()) == ["1"] and alias("champion") == "1"
 
 
@@ -211,7 +215,7 @@ def test_unreachable_store_is_one_line_and_changes_nothing(project, cli, monkeyp
     assert list(versions()) == ["1"] and alias("champion") == "1"
 
 
-# --- using the champion ------------------------------------------------------------------------------------
+# --- using the champion: served = evaluated -------------------------------------------------------------
 
 
 @pytest.fixture
@@ -220,45 +224,117 @@ def registered(project, cli) -> Path:
     return project
 
 
-def test_predict_with_the_champion(registered, cli):
-    rows = [{"id": "x1", "prompt": "Which class? kalo mine"},
-            {"prompt": [{"role": "user", "content": "Which class? ruvo sa"}]}]
-    (registered / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rc, out, err = cli("predict", "--model", f"models:/{NAME}@champion", "--input", "in.jsonl",
-                       "--output", "preds.jsonl")
+def raw_test_records(root: Path) -> list[dict]:
+    """The test split as the user's file holds it (id topic/N: the file's Nth record), without its labels."""
+    raw = read_jsonl(root / sp.SOURCE["path"])
+    return [{"id": ex["id"], "text": raw[int(ex["id"].split("/")[1])]["text"]}
+            for ex in read_jsonl(root / "prepared" / "specialist" / "test.jsonl")]
+
+
+def evaluated(root: Path) -> list[str]:
+    return [r["tuned"] for r in read_jsonl(root / "eval" / "predictions.jsonl")]
+
+
+@pytest.fixture
+def scored(registered) -> list[dict]:
+    """Each test example's option probabilities by score.answer, the function evaluate scored with, on the
+    final adapter and the prepared prompts."""
+    from types import SimpleNamespace
+
+    from mixtune import score
+    from mixtune.model import load_adapter, load_base, load_tokenizer, precision
+    from mixtune.serve import answers
+
+    base, cfg = sp.load(registered, "model").base, sp.load(registered, "evaluate")
+    test = read_jsonl(registered / "prepared" / "specialist" / "test.jsonl")
+    model = load_adapter(load_base(base), registered / "train" / "adapter")
+    cfg = SimpleNamespace(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+    return answers(test, *score.answer(model, load_tokenizer(base), test, cfg, precision("auto")))
+
+
+def check_answers(answers: list[dict], labels: list[str], scored: list[dict]) -> None:
+    """Evaluate's labels, and the probabilities of evaluate's scoring function (they vary: not a constant)."""
+    assert [a["prediction"] for a in answers] == labels
+    for a, s in zip(answers, scored, strict=True):
+        assert a["task"] == sp.TASK and sorted(a["probabilities"]) == sp.LABELS
+        assert a["probabilities"] == pytest.approx(s["probabilities"], abs=1e-5)
+        assert max(a["probabilities"], key=a["probabilities"].get) == a["prediction"]
+    spread = [a["probabilities"]["a"] for a in answers]
+    assert max(spread) - min(spread) > 1e-3
+
+
+def test_the_champion_takes_raw_records_and_answers_as_evaluate_did(registered, cli, scored):
+    """Raw test records in (the text only): the labels evaluate scored, through mlflow.pyfunc.load_model and
+    through `mixtune predict` on a CSV; every prompt is exactly prepare's."""
+    import mlflow
+    import pandas as pd
+
+    from mixtune.serve import Requests
+
+    records, labels, uri = raw_test_records(registered), evaluated(registered), f"models:/{NAME}@champion"
+    recipe = json.loads((registered / "prepared" / "specialist" / "recipe.json").read_text())
+    test = read_jsonl(registered / "prepared" / "specialist" / "test.jsonl")
+    assert [ex["prompt"] for ex in Requests(recipe)(records, str)] == [ex["prompt"] for ex in test]
+
+    check_answers(mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(records)), labels, scored)
+
+    pd.DataFrame(records).to_csv(registered / "articles.csv", index=False)
+    rc, out, err = cli("predict", "--model", uri, "--input", "articles.csv", "--output", "preds.jsonl")
     assert rc == 0, err
-    assert out.strip() == "predict: 2 predictions in preds.jsonl"
-    preds = [json.loads(line) for line in (registered / "preds.jsonl").read_text().splitlines()]
-    assert [sorted(p) for p in preds] == [["id", "prediction"], ["prediction"]] and preds[0]["id"] == "x1"
-    assert all(isinstance(p["prediction"], str) for p in preds)
+    assert out.strip() == "predict: 12 predictions in preds.jsonl"
+    preds = read_jsonl(registered / "preds.jsonl")
+    assert [p["id"] for p in preds] == [r["id"] for r in records]
+    check_answers([{k: v for k, v in p.items() if k != "id"} for p in preds], labels, scored)
+
+    # The registry shows how to call it: the source's own column, and one of its raw records.
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.to_dict() == [{"type": "string", "name": "text", "required": True},
+                                               {"type": "string", "name": "task", "required": False}]
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    example = json.loads((model_dir / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["data"] == [[read_jsonl(registered / sp.SOURCE["path"])[0]["text"]]]
+    v = client().get_model_version(NAME, "1")
+    assert v.run_id == versions()["1"]["mixtune.register_run_id"] and v.tags["mixtune.served_sha256"]
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ('{"prompt": 5}', "in.jsonl:2: field 'prompt': expected text or a non-empty list of chat messages"),
-    ('{"text": "hi"}', "in.jsonl:2: field 'prompt': missing"),
-    ('{"prompt": [{"role": "user"}]}', "in.jsonl:2: field 'prompt[0]': expected"),
-    ('{"prompt": "cut', "in.jsonl:2: not valid JSON"),
+def test_mlflow_models_serve_answers_raw_records_as_evaluate_did(registered, scored):
+    """A real `mlflow models serve` on 127.0.0.1: raw records in, evaluate's labels and the options'
+    probabilities out; a record without its text is refused with the field named."""
+    serve = ["models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local"]
+    records = [{"text": r["text"]} for r in raw_test_records(registered)]
+    with sp.mlflow_service(serve, registered, "/ping", 240) as url:
+        def post(payload: dict):
+            req = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, body = post({"dataframe_records": records})
+        assert status == 200
+        check_answers(body["predictions"], evaluated(registered), scored)
+        status, body = post({"dataframe_records": [{"title": "no text"}]})
+        assert status == 400 and "text" in body["message"]
+
+
+@pytest.mark.parametrize("content, name, fragment", [
+    ("id,text\n1,fine\n2,\n", "in.csv", "in.csv:3: field 'text': empty"),
+    ("id,body\n1,fine\n", "in.csv", "in.csv:2: field 'text': missing"),
+    ('{"text": "fine"}\n{"text": 5}\n', "in.jsonl", "in.jsonl:2: field 'text': expected text, got int"),
+    ('{"text": "fine"}\n{"text": "cut\n', "in.jsonl", "in.jsonl:2: not valid JSON"),
+    ('{"text": "fine", "task": "other"}\n', "in.jsonl", "in.jsonl:1: field 'task': 'other' is not a task of this model"),
+    ("", "in.txt", "in.txt: --input: unknown file format 'txt'"),
 ])
-def test_predict_bad_input_is_one_line_and_writes_nothing(tmp_path, cli, monkeypatch, line, fragment):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "in.jsonl").write_text('{"prompt": "fine"}\n' + line + "\n")
-    rc, out, err = cli("predict", "--model", f"models:/{NAME}@champion", "--input", "in.jsonl", "--output", "p.jsonl")
+def test_predict_bad_records_are_one_line_before_the_model_loads(registered, cli, monkeypatch, content, name,
+                                                                 fragment):
+    def no_model(*a, **kw):
+        raise AssertionError("the model loaded before the input was checked")
+
+    monkeypatch.setattr("mlflow.pyfunc.load_model", no_model)
+    (registered / name).write_text(content)
+    rc, out, err = cli("predict", "--model", f"models:/{NAME}@champion", "--input", name, "--output", "p.jsonl")
     assert rc == 1 and out == ""
     one_line(err, "mixtune predict: error: ", fragment)
-    assert not (tmp_path / "p.jsonl").exists()
-
-
-def test_mlflow_models_serve_answers_a_request(registered):
-    """The champion served by `mlflow models serve` on 127.0.0.1 answers a real POST /invocations."""
-    from mixtune.predict import chat_prompt
-    from mixtune.model import load_tokenizer
-
-    serve = ["models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local"]
-    with sp.mlflow_service(serve, registered, "/ping", 240) as url:
-        prompt = chat_prompt(load_tokenizer(sp.load(registered, "model").base), "Which class? kalo")
-        req = urllib.request.Request(f"{url}/invocations", data=json.dumps({"inputs": [prompt, prompt]}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            body = json.loads(r.read())
-        assert r.status == 200
-        assert len(body["predictions"]) == 2 and all(isinstance(p, str) for p in body["predictions"])
+    assert not (registered / "p.jsonl").exists()

@@ -367,3 +367,64 @@ def test_bigbench_bad_task_json_names_the_member(tmp_path):
     build_bigbench(tmp_path / "bb.tar.gz", {PREFIX + "broken/task.json": b'{"examples": ['})
     with pytest.raises(MixtuneError, match=r"bb\.tar\.gz: .*benchmark_tasks/broken/task\.json: not valid JSON"):
         read_source(bb(), tmp_path)
+
+
+# --- requests: the registered model's input is prompted as prepare prompted the data ---------------------------
+
+REQUEST_CASES = [  # (format, extra source settings, a record as the user's file holds it, the request's input)
+    ("alpaca", {"system": "Be brief."}, {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+     {"instruction": "Add.", "input": "2 and 3"}),
+    ("alpaca", {}, {"instruction": "Say hello.", "output": "Hi"}, {"instruction": "Say hello."}),
+    ("messages", {}, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+     {"messages": [{"role": "user", "content": "Hi"}]}),
+    ("prompt_completion", {"columns": {"prompt": "q", "completion": "a"}}, {"q": "2+2?", "a": "4"}, {"q": "2+2?"}),
+    ("classification", {"labels": ["x", "y"], "instruction": "Which?", "max_input_words": 3,
+                        "columns": {"text": "body", "label": "y"}},
+     {"body": "one two  three four five", "y": "y"}, {"body": "one two  three four five"}),
+]
+
+
+@pytest.mark.parametrize("fmt, extra, record, request_row", REQUEST_CASES)
+def test_a_request_is_prompted_exactly_as_prepare_prompted_its_record(tmp_path, fmt, extra, record, request_row):
+    from mixtune.sources import prompter, request_fields
+
+    write_jsonl(tmp_path / "d.jsonl", [record])
+    recipes: dict = {}
+    [ex] = read_source(file_source("d.jsonl", fmt, **extra), tmp_path, recipes=recipes)
+    entry = recipes["src"]
+    assert prompter(entry)(request_row, "row 1") == (ex["prompt"], ex["options"])
+    # the input example is the record's input columns (its answer left out); the signature names them
+    assert entry["example"] == {c: v for c, v in record.items() if c in request_row or c == "input" and c in record}
+    assert {c for c, _, _ in request_fields(entry)} >= set(request_row)
+
+
+def test_a_request_to_a_bigbench_task_is_prompted_with_the_tasks_own_prefixes(tmp_path, bigbench_archive):
+    from mixtune.sources import prompter
+
+    recipes: dict = {}
+    examples = {ex["id"]: ex for ex in read_source(bb(), tmp_path, recipes=recipes)}
+    riddle, adding = examples["bb/riddles/0"], examples["bb/adding/0"]
+    assert recipes["riddles"]["example"] == {"input": "What has keys but no locks?",
+                                             "options": ["A door", "A piano", "A map"]}
+    assert prompter(recipes["riddles"])({"input": "What has keys but no locks?", "options": riddle["options"]},
+                                        "row 1") == (riddle["prompt"], riddle["options"])
+    assert prompter(recipes["adding"])({"input": "2 + 2 ="}, "row 1") == (adding["prompt"], None)
+    with pytest.raises(MixtuneError, match=r"^row 2: field 'options': expected a non-empty list of text$"):
+        prompter(recipes["riddles"])({"input": "Q", "options": "A door"}, "row 2")
+
+
+@pytest.mark.parametrize("fmt, row, message", [
+    ("classification", {"text": " \n "}, "row 1: field 'text': only whitespace"),
+    ("classification", {"body": "x"}, "row 1: field 'text': missing"),
+    ("alpaca", {"input": "x"}, "row 1: field 'instruction': missing"),
+    ("messages", {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+     "row 1: field 'messages': must end with the message to answer, not an assistant's"),
+])
+def test_a_bad_request_is_one_line_naming_the_field(fmt, row, message):
+    from mixtune.sources import prompter
+
+    entry = {"kind": "record", "source": file_source("d.jsonl", fmt, labels=["x"]).model_dump(mode="json"),
+             "labels": ["x"] if fmt == "classification" else None}
+    with pytest.raises(MixtuneError) as e:
+        prompter(entry)(row, "row 1")
+    assert str(e.value).startswith(message)

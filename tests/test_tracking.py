@@ -91,6 +91,21 @@ def test_more_than_100_params_are_logged(tmp_path, monkeypatch):
     assert MlflowClient(tracking_uri=uri).get_experiment(run.info.experiment_id).name == "mixtune/a+b"
 
 
+def test_a_stage_run_logs_system_metrics(tmp_path, monkeypatch):
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    monkeypatch.chdir(tmp_path)
+    with tracking.stage_run("train", ["a"], {}) as run:
+        time.sleep(2)
+    metrics = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+
+
 def test_flatten_and_experiment_name():
     assert tracking.flatten({"a": {"b": {"c": 1}, "d": [1, 2]}, "e": None}) == {"a.b.c": 1, "a.d": [1, 2], "e": None}
     assert tracking.experiment_name(["bbc_news"]) == "mixtune/bbc_news"

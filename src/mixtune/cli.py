@@ -84,7 +84,8 @@ def _register(args) -> None:
     from mixtune.config import load_section
 
     r = register.run(load_section("register", args.params),
-                     load_section("evaluate", args.params, keys=register.EVALUATE_KEYS))
+                     load_section("evaluate", args.params, keys=register.EVALUATE_KEYS),
+                     load_section("model", args.params))
     print(f"register: {r['name']} version {r['version']}: {r['reason']}")
 
 
@@ -98,7 +99,7 @@ def _promote(args) -> None:
 def _predict(args) -> None:
     from mixtune import predict
 
-    n = predict.run(args.model, Path(args.input), Path(args.output))
+    n = predict.run(args.model, Path(args.input), Path(args.output), args.file_format)
     print(f"predict: {n} predictions in {args.output}")
 
 
@@ -176,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="registered model (default: register.name, else from search/best.json)")
     p.set_defaults(func=_promote)
 
-    p = sub.add_parser("predict", help="answer the prompts of a JSONL file with a registered model")
+    p = sub.add_parser("predict", help="answer a file of raw task records with a registered model")
     p.add_argument("--model", required=True, help="a model URI, e.g. models:/mixtune-bbc_news@champion")
-    p.add_argument("--input", required=True, help='JSONL, one {"prompt": text or chat messages} per line')
-    p.add_argument("--output", required=True)
+    p.add_argument("--input", required=True,
+                   help="jsonl, json, csv or parquet with the source's input columns (e.g. text), `task` for a "
+                        "scenario, and an optional `id`")
+    p.add_argument("--file-format", choices=("jsonl", "json", "csv", "parquet"), help="default: from the extension")
+    p.add_argument("--output", required=True, help="JSONL: one {id, task, prediction, probabilities} per record")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("study", help="the paper's experiments: study/dvc.yaml runs prepare, run and report")

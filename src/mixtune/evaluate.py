@@ -3,8 +3,10 @@ search's share-0 trial adapter, not retrained), by the task's own metric (score.
 gains paired; and each adapter's forgetting: its accuracy on the held-out generalist probe against the base
 model's.
 
-Outputs: eval/metrics.json (numbers: DVC metrics), eval/details.json (what was measured, ids, timings),
-eval/predictions.jsonl (every system's answer per example; register reads it), eval/confusion.csv (DVC plot).
+Outputs: eval/metrics.json (numbers: DVC metrics), eval/details.json (what was measured), eval/predictions.jsonl
+(every system's answer per example; register reads it), eval/confusion.csv (DVC plot). Run ids and timings go
+to MLflow only, so a re-run that measures the same changes no tracked file: the evaluate run carries the
+sha256 of the predictions it wrote and of the adapter it scored, and the train run's id.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import numpy as np
 from mixtune import score
 from mixtune.config import EvaluateConfig, ModelConfig
 from mixtune.errors import MixtuneError
-from mixtune.files import atomic_file, read_jsonl, write_json, write_jsonl
-from mixtune.model import load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
-from mixtune.tracking import Timer, log_dataset, mix_label, stage_run
+from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json, write_jsonl
+from mixtune.model import adapter_file, load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
+from mixtune.tracking import ADAPTER_TAG, PREDICTIONS_TAG, Timer, find_run, log_dataset, mix_label, stage_run
 
 SYSTEMS = ("tuned", "base", "specialist")
 
@@ -63,20 +65,23 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
     adapters = {"tuned": train / "adapter", "specialist": search / "specialist_adapter"}
     for path in adapters.values():  # before a run is opened and the base model loaded
         require_adapter(path)
-    trained = _read(train / "model.json", "train")
     metric = score.metric_name(metric, examples)
     prec = precision("auto")
     timer = Timer()
-    tags = {"mixtune.mix_sha256": manifest["sha256"], "mixtune.train_run_id": trained["run_id"],
+    adapter_sha = sha256_file(adapter_file(train / "adapter"))
+    tags = {"mixtune.mix_sha256": manifest["sha256"], ADAPTER_TAG: adapter_sha,
             "mixtune.split": cfg.split, "mixtune.metric": metric}
     params = {"evaluate": cfg.model_dump(), "model": model_cfg.model_dump(), "metric": metric,
               "mix": {k: manifest[k] for k in ("specialist_size", "generalist_share", "generalist_size", "seed",
                                                "share_source")}}
 
-    with stage_run("evaluate", manifest["specialist_tasks"], params, tags, timer, label=mix_label(manifest)) as mlrun:
+    with stage_run("evaluate", manifest["specialist_tasks"], params, tags, timer, label=mix_label(manifest)):
         t0 = time.perf_counter()
         import mlflow
 
+        with timer():
+            trained = find_run(manifest["specialist_tasks"], "train", {ADAPTER_TAG: adapter_sha})
+            mlflow.set_tag("mixtune.train_run_id", trained or "")
         tokenizer = load_tokenizer(base_path)
         preds, probe_preds, seconds = {}, {}, {}
         for system in SYSTEMS:  # a fresh base for each: PEFT injects an adapter into the model it is given
@@ -101,12 +106,9 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
                 f.write("actual,predicted\n")
                 f.writelines(f"{r['gold']},{r['tuned']}\n" for r in rows)
         details = {"metric": metric, "split": cfg.split, "tasks": cmp["tasks"], "share_source": manifest["share_source"],
-                   "specialist_size": manifest["specialist_size"],
-                   "train_run_id": trained["run_id"], "model_uri": trained["model_uri"],
-                   "run_id": mlrun.info.run_id if mlrun else None,
-                   "seconds_per_example": seconds["tuned"] / len(examples),
-                   "stage_seconds": time.perf_counter() - t0}
+                   "specialist_size": manifest["specialist_size"]}
         with timer():
+            mlflow.set_tag(PREDICTIONS_TAG, sha256_file(out / "predictions.jsonl"))
             flat = {f"test.{s}.{metric}": cmp[s]["value"] for s in SYSTEMS}
             flat |= {f"test.{s}.{metric}_{k}": cmp[s][k] for s in SYSTEMS for k in ("low", "high")}
             flat |= {f"test.gain.{metric}": cmp["tuned-base"]["value"],
@@ -114,7 +116,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
             flat |= {f"test.{s}.{metric}.{t}": v for s in SYSTEMS for t, v in cmp[s]["per_task"].items()}
             if forgetting:
                 flat |= {f"forgetting.{s}": forgetting[f"base-{s}"]["value"] for s in ("tuned", "specialist")}
-            mlflow.log_metrics({**flat, "seconds_per_example": details["seconds_per_example"]})
+            mlflow.log_metrics({**flat, "seconds_per_example": seconds["tuned"] / len(examples)})
             t, g = cmp["tuned"], cmp["tuned-base"]
             mlflow.set_tag("mlflow.note.content", f"test {metric} {t['value']:.3f} [{t['low']:.3f}, {t['high']:.3f}], "
                                                   f"{g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] over the base model")
@@ -122,8 +124,8 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
             if (out / "confusion.csv").is_file():
                 mlflow.log_figure(_confusion_figure(rows), "confusion_matrix.png")
             log_dataset(examples, split_path, f"specialist-{cfg.split}", "evaluation")
-        details["mlflow_seconds"] = timer.seconds
         write_json(out / "details.json", details)
+        mlflow.log_metrics({"stage_seconds": time.perf_counter() - t0, "mlflow_seconds": timer.seconds})
         write_json(out / "metrics.json", result)
     return {**result, "details": details, "comparison": cmp, "forgetting_comparison": forgetting}
 

@@ -65,6 +65,11 @@ def load_base(path: str):
         raise MixtuneError(f"{path}: cannot load base model: {str(e).splitlines()[0]}") from None
 
 
+def adapter_file(adapter_dir: Path) -> Path:
+    """The adapter's weights: their sha256 names the adapter (register's versions, the runs that made it)."""
+    return adapter_dir / "adapter_model.safetensors"
+
+
 def require_adapter(adapter_dir: Path) -> None:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise MixtuneError(f"{adapter_dir}: not an adapter folder (no adapter_config.json); run the train stage")

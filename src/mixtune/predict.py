@@ -1,9 +1,10 @@
-"""predict: answer the prompts of a JSONL file with a registered model, e.g. models:/mixtune-bbc_news@champion.
+"""predict: answer a file of raw task records with a registered model, e.g. models:/mixtune-bbc_news@champion.
 
-The model loads through MLflow (mlflow.pyfunc: the base model plus the adapter), as `mlflow models serve` loads
-it. Each prompt, text or chat messages, gets the tokenizer's chat template with the generation prompt, exactly
-as training saw it; the model answers greedily. One {"prediction": ...} per input row (its "id" kept), written
-atomically.
+The input is a file like the task's source (jsonl, json, csv or parquet; its own column names, as the source's
+`columns` maps them; `task` for a model of several tasks; an `id` column is kept). The model is the pyfunc
+register logged (serve.py): each record is prompted as prepare prompted the training data and answered as
+evaluate scored the test split. Every record is checked against the model's recipe before the model loads;
+one JSON line per record, {"id"?, "task", "prediction", "probabilities"}, written atomically.
 """
 
 from __future__ import annotations
@@ -11,65 +12,48 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mixtune import sources
 from mixtune.errors import MixtuneError, first_line
 from mixtune.files import write_jsonl
 from mixtune.tracking import tracking_uri
 
 
-def _check_prompt(prompt, where: str) -> None:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise MixtuneError(f"{where}: field 'prompt': empty")
-        return
-    if not isinstance(prompt, list) or not prompt:
-        raise MixtuneError(f"{where}: field 'prompt': expected text or a non-empty list of chat messages")
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise MixtuneError(f"{where}: field 'prompt[{i}]': expected {{\"role\": text, \"content\": text}}")
-
-
-def read_prompts(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise MixtuneError(f"{path}: no such file")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MixtuneError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise MixtuneError(f"{path}:{n}: expected a JSON object")
-            if "prompt" not in row:
-                raise MixtuneError(f"{path}:{n}: field 'prompt': missing")
-            _check_prompt(row["prompt"], f"{path}:{n}")
-            rows.append(row)
-    if not rows:
-        raise MixtuneError(f"{path}: no prompts")
-    return rows
-
-
-def chat_prompt(tokenizer, prompt: str | list[dict]) -> str:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def load(model_uri: str):
+def download(model_uri: str) -> Path:
+    """The model's files (the adapter and recipe, not the base model), from the registry or a run."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except Exception as e:  # no such model or alias, an unreachable store, a missing base model
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except Exception as e:  # no such model or alias, an unreachable store
         raise MixtuneError(f"{model_uri}: cannot load model: {first_line(e)}") from None
 
 
-def run(model_uri: str, input_path: Path, output: Path) -> int:
-    rows = read_prompts(input_path)  # bad input fails before the model loads
-    model = load(model_uri)
-    tokenizer = model.get_raw_model().tokenizer  # the pipeline's: the one logged with the adapter
-    answers = model.predict([chat_prompt(tokenizer, r["prompt"]) for r in rows])
-    return write_jsonl(output, ({**({"id": r["id"]} if "id" in r else {}), "prediction": a.strip()}
-                                for r, a in zip(rows, answers)))
+def recipe_of(model_dir: Path, model_uri: str) -> dict:
+    path = model_dir / "artifacts" / "recipe.json"
+    if not path.is_file():
+        raise MixtuneError(f"{model_uri}: not a mixtune task model (no recipe); register it with `mixtune register`")
+    return json.loads(path.read_text())
+
+
+def run(model_uri: str, input_path: Path, output: Path, file_format: str | None = None) -> int:
+    import pandas as pd
+
+    from mixtune.serve import Requests
+
+    records = list(sources.file_records(input_path, str(input_path), file_format, "--input"))
+    if not records:
+        raise MixtuneError(f"{input_path}: no records")
+    model_dir = download(model_uri)
+    where = [w for w, _ in records]
+    rows = [r for _, r in records]
+    Requests(recipe_of(model_dir, model_uri))(rows, lambda i: where[i])  # bad records fail before the model loads
+
+    import mlflow
+
+    try:
+        model = mlflow.pyfunc.load_model(str(model_dir))
+    except Exception as e:  # a missing base model, an adapter that does not fit it
+        raise MixtuneError(f"{model_uri}: cannot load model: {first_line(e)}") from None
+    answers = model.predict(pd.DataFrame(rows))
+    return write_jsonl(output, ({**({"id": r["id"]} if "id" in r else {}), **a} for r, a in zip(rows, answers)))

@@ -2,6 +2,7 @@
 
 Outputs (under `prepared/`):
     specialist/train.jsonl, specialist/dev.jsonl, specialist/test.jsonl   seeded, stratified by task and label
+    specialist/recipe.json        per task, how a raw record becomes its prompt: what the registered model takes
     generalist.jsonl                                                       the pool `mix` samples from
     generalist_probe.jsonl                   multiple-choice pool questions set aside: forgetting is measured on them
     stats.json                                                             what was read, dropped and why
@@ -83,8 +84,9 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
     stats: dict = {"specialist": {}, "generalist": {}}
 
     specialist: list[dict] = []
+    recipes: dict[str, dict] = {}  # task -> how its prompt is built: the registered model's input (sources.prompter)
     for src in cfg.specialist:
-        examples = read_source(src, root, cfg.seed)
+        examples = read_source(src, root, cfg.seed, recipes)
         stats["specialist"][src.name] = {"read": len(examples)}
         specialist += examples
     specialist, stats["specialist_duplicates_removed"] = dedupe(specialist, with_completion=False)
@@ -118,6 +120,7 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
     with atomic_dir(out / "specialist") as tmp:
         for name, part in parts.items():
             write_jsonl(tmp / f"{name}.jsonl", part)
+        write_json(tmp / "recipe.json", {"tasks": recipes})
     write_jsonl(out / "generalist.jsonl", generalist)
     write_jsonl(out / "generalist_probe.jsonl", probe)
     write_json(out / "stats.json", stats)

@@ -4,24 +4,30 @@ examples by more than register.min_gain (and, with register.require_interval, th
 gain lies above 0), by the metric evaluate used. Nothing is scored again: the candidate's answers are
 eval/predictions.jsonl, and each register run keeps them as an artifact, so a later candidate is compared with
 the champion on the same examples, paired. Versions are never deleted; the same adapter is never registered
-twice (versions are keyed by the adapter's sha256). `mixtune promote --version N` moves `champion` by hand.
-Output: register/result.json (DVC metrics).
+twice (versions are keyed by the sha256 of the adapter and the recipe it is served with). The version is
+the task's pyfunc (serve.py): the adapter, the base model's reference and prepare's prompt recipe, answering
+raw task input the way evaluate scored it. `mixtune promote --version N` moves `champion` by hand.
+Output: register/result.json (DVC metrics: the version, its test score, whether it was promoted).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from pathlib import Path
 
 from mixtune import score
-from mixtune.config import RegisterConfig, load_section
+from mixtune.config import ModelConfig, RegisterConfig, load_section
 from mixtune.errors import MixtuneError, first_line
 from mixtune.files import read_jsonl, sha256_file, write_json
-from mixtune.tracking import data_hash, mix_label, stage_run, tracking_uri
+from mixtune.model import adapter_file, resolve_base
+from mixtune.tracking import PREDICTIONS_TAG, data_hash, find_run, mix_label, stage_run, tracking_uri
 
-EVALUATE_KEYS = ("bootstrap", "seed")  # of evaluate's keys, the ones register reads (the champion's interval)
+# Of evaluate's keys, the ones register reads: the champion's interval, and how the served model answers
+# (as evaluate answered).
+EVALUATE_KEYS = ("bootstrap", "seed", "batch_size", "max_new_tokens")
 PREDICTIONS = "test_predictions.json"  # in each register run: the candidate's predictions on the test split
 
 
@@ -91,12 +97,20 @@ def _decide(cfg: RegisterConfig, champion, test_sha: str, examples, preds, metri
     return s, True, f"promoted: {vs}"
 
 
-def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train: Path = Path("train"),
-        evaluation: Path = Path("eval"), out: Path = Path("register")) -> dict:
+def _numbers(result: dict) -> dict:
+    """register/result.json (DVC metrics): the numbers `dvc exp show` compares; the name and the reason are
+    printed, and are the version's tags."""
+    return {k: v for k, v in result.items() if not isinstance(v, str)}
+
+
+def run(cfg: RegisterConfig, eval_cfg, model_cfg: ModelConfig, prepared: Path = Path("prepared"),
+        train: Path = Path("train"), evaluation: Path = Path("eval"), out: Path = Path("register")) -> dict:
     """`eval_cfg`: evaluate's EVALUATE_KEYS."""
-    test_path, adapter = prepared / "specialist" / "test.jsonl", train / "adapter" / "adapter_model.safetensors"
+    test_path, adapter = prepared / "specialist" / "test.jsonl", adapter_file(train / "adapter")
+    recipe_path = prepared / "specialist" / "recipe.json"
     for path, stage in ((evaluation / "details.json", "evaluate"), (evaluation / "predictions.jsonl", "evaluate"),
-                        (evaluation / "metrics.json", "evaluate"), (test_path, "prepare"), (adapter, "train")):
+                        (evaluation / "metrics.json", "evaluate"), (test_path, "prepare"), (recipe_path, "prepare"),
+                        (adapter, "train")):
         if not path.is_file():
             raise MixtuneError(f"{path}: no such file (run the {stage} stage first)")
     details = json.loads((evaluation / "details.json").read_text())
@@ -110,10 +124,15 @@ def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train:
     examples, preds = [by_id[r["id"]] for r in rows], [r["tuned"] for r in rows]
     metric, tasks = details["metric"], details["tasks"]
     name = cfg.name or default_name(tasks)
-    key = {"mixtune.adapter_sha256": sha256_file(adapter), "mixtune.test_sha256": sha256_file(test_path)}
+    # What is served: the adapter, answering raw task input as evaluate answered the test split.
+    recipe = {**json.loads(recipe_path.read_text()), "base": resolve_base(model_cfg.base),
+              "score": {"batch_size": eval_cfg.batch_size, "max_new_tokens": eval_cfg.max_new_tokens}}
+    adapter_sha = sha256_file(adapter)
+    served = hashlib.sha256((adapter_sha + json.dumps(recipe, sort_keys=True)).encode()).hexdigest()
+    key = {"mixtune.served_sha256": served, "mixtune.adapter_sha256": adapter_sha,
+           "mixtune.test_sha256": sha256_file(test_path)}
     params = {"register": cfg.model_dump(), "evaluate": eval_cfg.model_dump()}
-    tags = {"mixtune.registered_model": name, "mixtune.source_run_id": details["train_run_id"],
-            "mixtune.evaluate_run_id": details["run_id"] or ""}
+    tags = {"mixtune.registered_model": name}
 
     # The run opens first: an unreachable store fails here, before anything is changed.
     label = mix_label({"generalist_share": measured["share"], "share_source": details["share_source"],
@@ -122,9 +141,13 @@ def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train:
         import mlflow
 
         client = mlflow.MlflowClient()
+        with registry_errors():  # the runs that made what is registered, found by the files' sha256
+            evaluated = find_run(tasks, "evaluate", {PREDICTIONS_TAG: sha256_file(evaluation / "predictions.jsonl")})
+            trained = client.get_run(evaluated).data.tags.get("mixtune.train_run_id", "") if evaluated else ""
+            mlflow.set_tags({"mixtune.evaluate_run_id": evaluated or "", "mixtune.source_run_id": trained})
         with registry_errors():
             existing = [v for v in client.search_model_versions(f"name = '{name}'")
-                        if v.tags.get("mixtune.adapter_sha256") == key["mixtune.adapter_sha256"]]
+                        if v.tags.get("mixtune.served_sha256") == key["mixtune.served_sha256"]]
             champion = _champion(client, name)
         if existing:
             v = existing[0]
@@ -133,8 +156,8 @@ def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train:
             result = {"name": name, "version": int(v.version), "created": False,
                       "champion": int(champion.version) if champion else None,
                       "test_score": float(v.tags.get("mixtune.test_score", "nan")),
-                      "reason": f"already registered (same adapter); {v.tags.get('mixtune.reason', '')}"}
-            write_json(out / "result.json", result)
+                      "reason": f"already registered (same adapter and recipe); {v.tags.get('mixtune.reason', '')}"}
+            write_json(out / "result.json", _numbers(result))
             return result
 
         mlflow.log_dict({"ids": [ex["id"] for ex in examples], "predictions": preds}, PREDICTIONS)
@@ -152,11 +175,15 @@ def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train:
             "mixtune.data_md5": data_hash() or "", "mixtune.generalist_share": measured["share"],
             "mixtune.share_source": details["share_source"], "mixtune.forgetting": forgetting.get("value", ""),
             "mixtune.forgetting_interval": f"[{forgetting['low']:+.3f}, {forgetting['high']:+.3f}]" if forgetting else "",
-            "mixtune.source_run_id": details["train_run_id"], "mixtune.register_run_id": mlrun.info.run_id,
+            "mixtune.source_run_id": trained, "mixtune.evaluate_run_id": evaluated or "",
+            "mixtune.register_run_id": mlrun.info.run_id,
             "mixtune.decision": "promoted" if promote else "kept", "mixtune.reason": reason,
         }
+        from mixtune import serve
+
         with registry_errors():
-            v = mlflow.register_model(details["model_uri"], name, tags={k: str(x) for k, x in version_tags.items()})
+            info = serve.log_model(train / "adapter", recipe)
+            v = mlflow.register_model(info.model_uri, name, tags={k: str(x) for k, x in version_tags.items()})
             client.set_registered_model_alias(name, "candidate", v.version)
             if promote:
                 client.set_registered_model_alias(name, "champion", v.version)
@@ -169,7 +196,7 @@ def run(cfg: RegisterConfig, eval_cfg, prepared: Path = Path("prepared"), train:
         if "tuned-champion" in s:
             g = s["tuned-champion"]
             result.update(gain=g["value"], gain_low=g["low"], gain_high=g["high"])
-        write_json(out / "result.json", result)
+        write_json(out / "result.json", _numbers(result))
     return result
 
 

@@ -119,24 +119,29 @@ def label_from_text(text: str, options: list[str]) -> str:
     return ""
 
 
-def predict(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[str]:
+def answer(model, tokenizer, examples: list[dict], cfg, prec: str) -> tuple[list[str], list[list[float] | None]]:
     """Each example's answer, the way it is scored: the most likely option (classification, multiple choice),
-    else the greedy text. `cfg`: batch_size and max_new_tokens (of evaluate). The model's mode is restored."""
+    else the greedy text; and the options' log-likelihoods (None for a generated answer). `cfg`: batch_size
+    and max_new_tokens (of evaluate). The model's mode is restored."""
     training = model.training
     model.eval()
     choice = [i for i, ex in enumerate(examples) if ex["options"]]
     free = [i for i, ex in enumerate(examples) if not ex["options"]]
-    preds = [""] * len(examples)
+    preds, scores = [""] * len(examples), [None] * len(examples)
     if choice:
-        scored = score_options(model, tokenizer, [examples[i] for i in choice], cfg.batch_size, prec)
-        for i, s in zip(choice, scored):
-            preds[i] = examples[i]["options"][int(np.argmax(s))]
+        for i, s in zip(choice, score_options(model, tokenizer, [examples[i] for i in choice], cfg.batch_size, prec)):
+            preds[i], scores[i] = examples[i]["options"][int(np.argmax(s))], s
     if free:
         for i, t in zip(free, generate(model, tokenizer, [examples[i] for i in free], cfg.batch_size,
                                        cfg.max_new_tokens, prec)):
             preds[i] = t
     model.train(training)
-    return preds
+    return preds, scores
+
+
+def predict(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[str]:
+    """Each example's answer (see `answer`): what evaluate, the search and the served model score."""
+    return answer(model, tokenizer, examples, cfg, prec)[0]
 
 
 def correct(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[float]:

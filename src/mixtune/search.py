@@ -83,6 +83,7 @@ class _Trials:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self.claim.release()  # the trial is RUNNING and names its process: others may start the next one
         self.numbers.append(trial.number)
+        print(f"search n={self.size}: trial {trial.number} r={share:.2f}: training", flush=True)
         folder = self.folder / str(trial.number)
         with trial_run(self.parent, trial, share, self.size):
             try:
@@ -127,8 +128,9 @@ class _Trials:
         mlflow.set_tag("mlflow.note.content", f"share {share:.2f}: dev {self.metric} {value:.3f} "
                                               f"[{cmp['low']:.3f}, {cmp['high']:.3f}]")
         train.save_adapter(model, self.tokenizer, folder / "adapter")
-        info = train.log_adapter(model, self.tokenizer, self.base, self.eval_cfg.max_new_tokens)
-        _set_attrs(trial, {"adapter": str(folder / "adapter"), "model_uri": info.model_uri})
+        mlflow.log_artifacts(str(folder / "adapter"), "adapter")  # for a study whose trials ran on other machines
+        _set_attrs(trial, {"adapter": str(folder / "adapter"),
+                           "adapter_uri": f"runs:/{mlflow.active_run().info.run_id}/adapter"})
         return value
 
     def _pruning(self, trial):
@@ -232,7 +234,7 @@ def recommend(study, scorer: score.Scorer, cfg, resamples: int) -> dict:
     best = max(eligible, key=rank)
     out = {"size": size, "study": study.study_name, "metric": metric, "specialist_trial": spec.number,
            "specialist_dev": spec.value, "specialist_adapter": spec.user_attrs["adapter"],
-           "specialist_model_uri": spec.user_attrs["model_uri"], "best_trial": best.number,
+           "specialist_adapter_uri": spec.user_attrs["adapter_uri"], "best_trial": best.number,
            "best_trial_share": best.params["generalist_share"], "best_trial_dev": best.value,
            "specialist_forgetting": spec_forgetting, "excluded_by_forgetting": [t.number for t in excluded],
            "trained_tokens_total": sum(t.user_attrs.get("trained_tokens", 0) for t in study.trials),
@@ -426,7 +428,8 @@ def _optimize(study, objective: _Trials, cfg: SearchConfig, claim: Claim) -> Non
     import optuna
     from optuna.trial import TrialState
 
-    deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+    start = time.monotonic()
+    deadline = start + cfg.timeout if cfg.timeout else None
     missing = cfg.n_trials - count(study, (TrialState.COMPLETE, TrialState.PRUNED))
     for _ in range(max(missing, 0)):
         if deadline is not None and time.monotonic() > deadline:
@@ -442,6 +445,32 @@ def _optimize(study, objective: _Trials, cfg: SearchConfig, claim: Claim) -> Non
             study.optimize(objective, n_trials=1, catch=(Exception,))
         finally:
             claim.release()
+        _progress(study, objective, cfg.n_trials, time.monotonic() - start)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _progress(study, objective: _Trials, n_trials: int, elapsed: float) -> None:
+    """One line a person can follow per trial: its share, its dev score or fate, and the time left, estimated
+    from this process's trials so far."""
+    from optuna.trial import TrialState
+
+    if not objective.numbers:
+        return
+    t = study.get_trials(deepcopy=False)[objective.numbers[-1]]
+    done = count(study, (TrialState.COMPLETE, TrialState.PRUNED))
+    if t.state == TrialState.COMPLETE:
+        a = t.user_attrs
+        fate = f"dev {objective.metric} {a['dev_metric']:.3f} [{a['dev_low']:.3f}, {a['dev_high']:.3f}]"
+    elif t.state == TrialState.PRUNED:
+        fate = f"pruned at step {t.last_step}"
+    else:
+        fate = "failed (see its MLflow run)"
+    left = elapsed / len(objective.numbers) * max(n_trials - done, 0)
+    print(f"search n={objective.size}: trial {t.number} r={share_of(t):.2f}: {fate}; {done} of {n_trials} trials done, "
+          f"{_minutes(elapsed)} elapsed, about {_minutes(left)} left", flush=True)
 
 
 def _write_outputs(summaries: dict[int, dict], size: int, rows: list[dict], tasks: list[str], out: Path) -> dict:
@@ -455,14 +484,17 @@ def _write_outputs(summaries: dict[int, dict], size: int, rows: list[dict], task
         else:  # the trial ran on another machine: take its adapter from MLflow
             import mlflow
 
-            shutil.copytree(Path(mlflow.artifacts.download_artifacts(best["specialist_model_uri"])) / "peft", tmp,
+            shutil.copytree(mlflow.artifacts.download_artifacts(best["specialist_adapter_uri"]), tmp,
                             dirs_exist_ok=True)
+    # Not in best.json: a run's URI (new on every run) and the trials' adapter paths (this clone's), which
+    # would change it, and dvc.lock, on a re-run that found the same answer.
+    local = ("answer", "specialist_adapter", "specialist_adapter_uri")
     best.update(tasks=tasks, specialist_adapter=str(out / "specialist_adapter"),
-                sizes={str(k): {f: v for f, v in s.items() if f != "answer"} for k, s in summaries.items()},
+                sizes={str(k): {f: v for f, v in s.items() if f not in local} for k, s in summaries.items()},
                 answers=[s["answer"] for s in summaries.values()])
     with atomic_file(out / "trials.csv") as f:
         f.write(trials_csv(sorted(rows, key=lambda r: (r["size"], r["trial"]))))
-    write_json(out / "best.json", best)
+    write_json(out / "best.json", {k: v for k, v in best.items() if k != "specialist_adapter_uri"})
     keys = ("recommended_share", "dev_gain", "dev_gain_low", "dev_gain_high", "forgetting", "specialist_forgetting",
             "specialist_dev", "best_trial_share", "best_trial_dev")
     write_json(out / "metrics.json", {**{k: best[k] for k in keys}, "trials": best["trials"]})

@@ -34,12 +34,17 @@ def _decode(data: bytes, path: Path) -> str:
 
 
 def _file_records(src: FileSource, root: Path) -> Iterator[tuple[str, object]]:
-    path = root / src.path
-    fmt = src.file_format or path.suffix.lstrip(".").lower()
+    return file_records(root / src.path, src.path, src.file_format, f"source '{src.name}'")
+
+
+def file_records(path: Path, shown: str, file_format: str | None, what: str) -> Iterator[tuple[str, object]]:
+    """(where, record) of a jsonl, json, csv or parquet file; `shown`: the path as errors name it, `what`: the
+    file's role (a source, a command's input)."""
+    fmt = file_format or path.suffix.lstrip(".").lower()
     if not path.is_file():
-        raise MixtuneError(f"{src.path}: source '{src.name}': no such file")
+        raise MixtuneError(f"{shown}: {what}: no such file")
     if fmt not in ("jsonl", "json", "csv", "parquet"):
-        raise MixtuneError(f"{src.path}: source '{src.name}': unknown file format '{fmt}' "
+        raise MixtuneError(f"{shown}: {what}: unknown file format '{fmt}' "
                            "(use jsonl, json, csv or parquet, or set file_format)")
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -48,32 +53,32 @@ def _file_records(src: FileSource, root: Path) -> Iterator[tuple[str, object]]:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a bad file
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # pyarrow's messages span lines
-            raise MixtuneError(f"{src.path}: not a readable parquet file: {first}") from None
+            raise MixtuneError(f"{shown}: not a readable parquet file: {first}") from None
         for i, row in enumerate(rows, 1):
-            yield f"{src.path}: record {i}", row
+            yield f"{shown}: record {i}", row
         return
-    text = _decode(path.read_bytes(), Path(src.path))
+    text = _decode(path.read_bytes(), Path(shown))
     if fmt == "jsonl":
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                yield f"{src.path}:{i}", json.loads(line)
+                yield f"{shown}:{i}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise MixtuneError(f"{src.path}:{i}: not valid JSON: {e.msg} at column {e.colno}") from None
+                raise MixtuneError(f"{shown}:{i}: not valid JSON: {e.msg} at column {e.colno}") from None
     elif fmt == "json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise MixtuneError(f"{src.path}:{e.lineno}: not valid JSON: {e.msg}") from None
+            raise MixtuneError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}") from None
         if not isinstance(data, list):
-            raise MixtuneError(f"{src.path}: expected a JSON array of records")
+            raise MixtuneError(f"{shown}: expected a JSON array of records")
         for i, row in enumerate(data, 1):
-            yield f"{src.path}: record {i}", row
+            yield f"{shown}: record {i}", row
     else:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         for row in reader:
-            yield f"{src.path}:{reader.line_num}", row
+            yield f"{shown}:{reader.line_num}", row
 
 
 def _local(root: Path, f: str) -> str:
@@ -106,8 +111,9 @@ def _field(where: str, row: object, src, name: str, *, required: bool = True) ->
         raise MixtuneError(f"{where}: expected an object with fields, got {type(row).__name__}")
     col = src.columns.get(name, name)
     value = row.get(col)
-    if required and (value is None or (isinstance(value, str | list) and len(value) == 0)):
-        state = "missing" if col not in row else "empty"
+    if required and (value is None or (isinstance(value, str | list) and len(value) == 0)
+                     or (isinstance(value, str) and not value.strip())):
+        state = "missing" if col not in row else "empty" if not value else "only whitespace"
         raise MixtuneError(f"{where}: field '{col}': {state}")
     return value
 
@@ -143,50 +149,78 @@ def classification_prompt(instruction: str, text: str, labels: list[str]) -> str
     return f"{instruction}\n\n{text}\n\nAnswer with one of: {', '.join(labels)}."
 
 
-def _normalize(src, where: str, row: object, labels: list[str] | None) -> tuple[list[dict], str, list | None]:
-    """-> (prompt messages, completion, options) for one record of a file or hf source."""
+def _prompt(src, where: str, row: object, labels: list[str] | None, *, answered: bool) -> list[dict]:
+    """A record's prompt messages, from its input fields only. prepare builds every training and test example
+    with it (`answered`: the record carries its answer), and the registered model builds each request's prompt
+    with it (serve.py), so what is served is prompted exactly as it was trained and evaluated."""
     fmt = src.format
     if fmt == "alpaca":
         instruction = _text(where, _field(where, row, src, "instruction"), src.columns.get("instruction", "instruction"))
         extra = _field(where, row, src, "input", required=False) or ""
-        output = _text(where, _field(where, row, src, "output"), src.columns.get("output", "output"))
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return _with_system(src, [{"role": "user", "content": user}]), output, None
+        return _with_system(src, [{"role": "user", "content": user}])
     if fmt == "messages":
-        col = src.columns.get("messages", "messages")
-        if isinstance(row, dict) and col not in row and "conversations" in row:  # ShareGPT
-            col = "conversations"
+        col = _messages_column(src, row)
         msgs = _messages(where, _field(where, row, src.model_copy(update={"columns": {"messages": col}}),
                                        "messages"), col)
-        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-            raise MixtuneError(f"{where}: field '{col}': must end with an assistant message after a prompt")
-        return _with_system(src, msgs[:-1]), msgs[-1]["content"], None
+        if answered:
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise MixtuneError(f"{where}: field '{col}': must end with an assistant message after a prompt")
+            msgs = msgs[:-1]
+        elif msgs[-1]["role"] == "assistant":
+            raise MixtuneError(f"{where}: field '{col}': must end with the message to answer, not an assistant's")
+        return _with_system(src, msgs)
     if fmt == "prompt_completion":
-        pcol, ccol = src.columns.get("prompt", "prompt"), src.columns.get("completion", "completion")
-        p, c = _field(where, row, src, "prompt"), _field(where, row, src, "completion")
-        prompt = _messages(where, p, pcol) if isinstance(p, list) else [{"role": "user", "content": _text(where, p, pcol)}]
-        if isinstance(c, list):
-            c = _messages(where, c, ccol)[-1]["content"]
-        return _with_system(src, prompt), _text(where, c, ccol), None
-    # classification: text + label
-    tcol, lcol = src.columns.get("text", "text"), src.columns.get("label", "label")
-    text = _text(where, _field(where, row, src, "text"), tcol)
-    label = str(_field(where, row, src, "label")).strip()
-    if label not in labels:
-        raise MixtuneError(f"{where}: field '{lcol}': label {label!r} is not in the label set {labels}")
+        pcol = src.columns.get("prompt", "prompt")
+        p = _field(where, row, src, "prompt")
+        return _with_system(src, _messages(where, p, pcol) if isinstance(p, list)
+                            else [{"role": "user", "content": _text(where, p, pcol)}])
+    # classification: text (+ label)
+    text = _text(where, _field(where, row, src, "text"), src.columns.get("text", "text"))
     if src.max_input_words:  # cut after the Nth word, keeping the text's own line breaks
         words = list(re.finditer(r"\S+", text))
         if len(words) > src.max_input_words:
             text = text[: words[src.max_input_words - 1].end()]
-    return _with_system(src, [{"role": "user", "content": classification_prompt(src.instruction, text, labels)}]), label, labels
+    return _with_system(src, [{"role": "user", "content": classification_prompt(src.instruction, text, labels)}])
 
 
-def _record_examples(src: FileSource | HFSource, root: Path) -> Iterator[dict]:
+def _messages_column(src, row: object) -> str:
+    col = src.columns.get("messages", "messages")
+    if isinstance(row, dict) and col not in row and "conversations" in row:  # ShareGPT
+        col = "conversations"
+    return col
+
+
+def _normalize(src, where: str, row: object, labels: list[str] | None) -> tuple[list[dict], str, list | None]:
+    """-> (prompt messages, completion, options) for one record of a file or hf source."""
+    prompt, fmt = _prompt(src, where, row, labels, answered=True), src.format
+    if fmt == "classification":
+        label = str(_field(where, row, src, "label")).strip()
+        if label not in labels:
+            raise MixtuneError(f"{where}: field '{src.columns.get('label', 'label')}': label {label!r} is not in the "
+                               f"label set {labels}")
+        return prompt, label, labels
+    if fmt == "alpaca":
+        return prompt, _text(where, _field(where, row, src, "output"), src.columns.get("output", "output")), None
+    if fmt == "messages":
+        last = row[_messages_column(src, row)][-1]  # checked by _prompt: an assistant message
+        return prompt, last.get("content", last.get("value")), None
+    ccol = src.columns.get("completion", "completion")
+    c = _field(where, row, src, "completion")
+    return prompt, _text(where, _messages(where, c, ccol)[-1]["content"] if isinstance(c, list) else c, ccol), None
+
+
+def _record_examples(src: FileSource | HFSource, root: Path, recipes: dict | None) -> Iterator[dict]:
     rows = list(_file_records(src, root) if src.kind == "file" else _hf_records(src, root))
     labels = None
     if src.format == "classification":
         lcol = src.columns.get("label", "label")
         labels = src.labels or sorted({str(r.get(lcol)).strip() for _, r in rows if isinstance(r, dict) and r.get(lcol) is not None})
+    if recipes is not None:
+        entry = {"kind": "record", "source": src.model_dump(mode="json"), "labels": labels}
+        first = rows[0][1] if rows and isinstance(rows[0][1], dict) else {}
+        recipes.setdefault(src.task_name, {**entry, "example": {c: first[c] for c, _, _ in request_fields(entry)
+                                                                 if c in first}})
     for n, (where, row) in enumerate(rows):
         prompt, completion, options = _normalize(src, where, row, labels)
         yield make_example(id=f"{src.name}/{n}", source=src.name, task=src.task_name, keywords=src.keywords,
@@ -196,6 +230,7 @@ def _record_examples(src: FileSource | HFSource, root: Path) -> Iterator[dict]:
 # --- BIG-bench ------------------------------------------------------------------------------------------------
 
 _TASKS_DIR = "/bigbench/benchmark_tasks/"
+_PREFIXES = ("task_prefix", "example_input_prefix", "example_output_prefix")  # of a task.json: its prompt
 
 
 def _selected(src: BigbenchSource, task: str, keywords: list[str]) -> bool:
@@ -246,7 +281,7 @@ def bigbench_tasks(path: Path) -> Iterator[tuple[str, dict]]:
             yield name, tj
 
 
-def _bigbench_examples(src: BigbenchSource, root: Path, seed: int) -> Iterator[dict]:
+def _bigbench_examples(src: BigbenchSource, root: Path, seed: int, recipes: dict | None) -> Iterator[dict]:
     path = root / src.path
     if not path.is_file():
         raise MixtuneError(f"{src.path}: source '{src.name}': no such file (run `mixtune fetch`)")
@@ -265,6 +300,11 @@ def _bigbench_examples(src: BigbenchSource, root: Path, seed: int) -> Iterator[d
         keywords = tj.get("keywords") or parent_keywords.get(name.split("/")[0], [])
         if not _selected(src, name, keywords):
             continue
+        if recipes is not None:
+            _, first = tj["examples"][0]
+            scores = first.get("target_scores")
+            recipes.setdefault(name, {"kind": "bigbench", **{k: tj.get(k) for k in _PREFIXES}, "example": {
+                "input": str(first.get("input", "")), **({"options": list(scores)} if isinstance(scores, dict) else {})}})
         for i, ex in tj["examples"]:
             parsed = _bigbench_example(tj, ex)
             if parsed is None:
@@ -285,9 +325,58 @@ def _cap(examples: list, k: int, seed: int, task: str) -> list[tuple[int, dict]]
 # --- entry point ----------------------------------------------------------------------------------------------
 
 
-def read_source(src, root: Path, seed: int = 0) -> list[dict]:
-    examples = list(_bigbench_examples(src, root, seed) if src.kind == "bigbench" else _record_examples(src, root))
+def read_source(src, root: Path, seed: int = 0, recipes: dict | None = None) -> list[dict]:
+    """The source's examples. `recipes`, if given, gets each of its tasks' recipe (see `prompter`)."""
+    examples = list(_bigbench_examples(src, root, seed, recipes) if src.kind == "bigbench"
+                    else _record_examples(src, root, recipes))
     if not examples:
         where = getattr(src, "path", None) or f"hf:{getattr(src, 'dataset', '')}"
         raise MixtuneError(f"{where}: source '{src.name}': no examples")
     return examples
+
+
+# --- requests: the registered model's input -------------------------------------------------------------------
+# A recipe entry holds what builds one task's prompt from a raw record as prepare built it: a file or hub
+# source's settings with its label set resolved, or a BIG-bench task's prefixes; and one record's input fields,
+# the model's input example. prepare writes them (prepared/specialist/recipe.json); register logs them with
+# the model.
+
+
+def request_fields(entry: dict) -> list[tuple[str, str, bool]]:
+    """(column, type, required) of a request for this task: the source's own input columns. Types: string,
+    strings (a list of text), messages (chat messages)."""
+    if entry["kind"] == "bigbench":
+        return [("input", "string", True), ("options", "strings", False)]
+    src = entry["source"]
+    col = src["columns"].get
+    return {"alpaca": [(col("instruction", "instruction"), "string", True), (col("input", "input"), "string", False)],
+            "messages": [(col("messages", "messages"), "messages", True)],
+            "prompt_completion": [(col("prompt", "prompt"), "string", True)],
+            "classification": [(col("text", "text"), "string", True)]}[src["format"]]
+
+
+def prompter(entry: dict):
+    """A request row (a dict of the source's input columns) and where it is -> (prompt messages, options)."""
+    if entry["kind"] == "bigbench":
+        def build(row: dict, where: str) -> tuple[list[dict], list[str] | None]:
+            text = row.get("input")
+            if not isinstance(text, str) or not text.strip():
+                raise MixtuneError(f"{where}: field 'input': missing or empty")
+            options = row.get("options")
+            if options is not None and (not isinstance(options, list) or not options
+                                        or not all(isinstance(o, str) for o in options)):
+                raise MixtuneError(f"{where}: field 'options': expected a non-empty list of text")
+            ex = {"input": text, **({"target_scores": {o: 0 for o in options}} if options else {"target": "-"})}
+            text, _, options = _bigbench_example(entry, ex)
+            return [{"role": "user", "content": text}], options
+        return build
+
+    from pydantic import TypeAdapter
+
+    from mixtune.config import Source
+
+    src, labels = TypeAdapter(Source).validate_python(entry["source"]), entry["labels"]
+
+    def build(row: dict, where: str) -> tuple[list[dict], list[str] | None]:
+        return _prompt(src, where, row, labels, answered=False), labels
+    return build

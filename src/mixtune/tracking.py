@@ -17,6 +17,10 @@ from pathlib import Path
 from mixtune.errors import MixtuneError
 
 _EXPS = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
+# Tags that link runs to the files they wrote or read (find_run): the sha256 of an adapter (train and evaluate
+# runs, registered versions) and of eval/predictions.jsonl (evaluate runs).
+ADAPTER_TAG = "mixtune.adapter_sha256"
+PREDICTIONS_TAG = "mixtune.predictions_sha256"
 
 
 def repo_root(cwd: Path | None = None) -> Path:
@@ -67,6 +71,21 @@ def mix_label(manifest: dict) -> str:
     label = f"r={manifest['generalist_share']:.2f} {how}, n={manifest['specialist_size']}"
     exp = os.environ.get("DVC_EXP_NAME")
     return f"{label} [{exp}]" if exp else label
+
+
+def find_run(specialist_tasks: list[str], stage: str, tags: dict[str, str]) -> str | None:
+    """The latest finished run of `stage` with these tags, or None. A file's sha256 links a stage's run to the
+    files it wrote: a run id written into an output would change that output, and dvc.lock, on every run."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment_name(specialist_tasks))
+    if exp is None:
+        return None
+    where = " and ".join([f"tags.`mixtune.stage` = '{stage}'", "attributes.status = 'FINISHED'",
+                          *(f"tags.`{k}` = '{v}'" for k, v in tags.items())])
+    runs = mlflow.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"], max_results=1,
+                              output_format="list")
+    return runs[0].info.run_id if runs else None
 
 
 def is_main_process() -> bool:
@@ -122,10 +141,12 @@ def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict 
                 exp_id = mlflow.create_experiment(name, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id
+            # System metrics (CPU, memory, disk) every 10 s, in a thread of MLflow's, beside the stage's own.
             if run_id:
-                run = mlflow.start_run(run_id=run_id)
+                run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
             else:
-                run = mlflow.start_run(experiment_id=exp_id, run_name=f"{stage} {label}".strip())
+                run = mlflow.start_run(experiment_id=exp_id, run_name=f"{stage} {label}".strip(),
+                                       log_system_metrics=True)
         except Exception as e:  # an unreachable server or a broken store
             raise MixtuneError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
         mlflow.set_tags({"mixtune.stage": stage, "mlflow.source.git.commit": git_commit() or "",

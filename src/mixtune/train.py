@@ -1,7 +1,9 @@
 """train: TRL SFTTrainer + a PEFT LoRA adapter on the mix; loss on the completion only.
 
-Outputs: train/adapter/ (adapter + tokenizer), train/model.json (its MLflow run and logged model: register
-registers that), train/loss.csv (DVC plot), train/metrics.json (DVC metrics).
+Outputs: train/adapter/ (adapter + tokenizer), train/loss.csv (DVC plot), train/metrics.json (DVC metrics: what
+was trained, no timings: those go to MLflow, so a re-run that trains the same changes no tracked file). The
+stage's MLflow run carries the adapter (artifacts under adapter/) and its sha256 as a tag, by which evaluate
+and register find it.
 Checkpoints go to .cache/checkpoints/<key of inputs and params>: DVC deletes a stage's outputs before it runs,
 so they live outside them, and a re-run after an interruption resumes from the last one.
 """
@@ -12,7 +14,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -20,13 +21,14 @@ from pathlib import Path
 
 from mixtune.config import ModelConfig, TrainConfig
 from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, atomic_file, read_jsonl, write_json
-from mixtune.model import load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import Timer, log_dataset, mix_label, stage_run
+from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
+from mixtune.model import adapter_file, load_base, load_tokenizer, precision, resolve_base
+from mixtune.tracking import ADAPTER_TAG, Timer, log_dataset, mix_label, stage_run
 
 # LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
 # frozen base weights get no gradient).
 FLOP_PER_PARAM_TOKEN = 4
+TRACKED = ("train_loss", "final_loss", "steps", "trained_tokens")  # train/metrics.json: no timings
 
 
 def to_conversational(example: dict) -> dict:
@@ -274,22 +276,22 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         if not main:
             return metrics
         save_adapter(trainer.model, tokenizer, out / "adapter")
-        with atomic_file(out / "loss.csv") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "loss", "learning_rate", "grad_norm", "tokens_per_second"])
+        with atomic_file(out / "loss.csv") as f:  # tokens/s is a timing: MLflow's, not the tracked curve's
+            w = csv.DictWriter(f, fieldnames=["step", "loss", "learning_rate", "grad_norm"], extrasaction="ignore")
             w.writeheader()
             w.writerows(log_rows)
         with timer():
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
             mlflow.log_dict(manifest, "mix_manifest.json")
             mlflow.log_artifact(str(out / "loss.csv"))
-            info = log_adapter(trainer.model, tokenizer, base)
+            mlflow.log_artifacts(str(out / "adapter"), "adapter")
+            mlflow.set_tag(ADAPTER_TAG, sha256_file(adapter_file(out / "adapter")))
         metrics["stage_seconds"] = time.perf_counter() - t0
         metrics["mlflow_seconds"] = timer.seconds
         metrics["mlflow_share"] = timer.seconds / metrics["stage_seconds"]
         with timer():
             mlflow.log_metrics({k: metrics[k] for k in ("stage_seconds", "mlflow_seconds", "mlflow_share")})
-        write_json(out / "model.json", {"run_id": mlrun.info.run_id, "model_uri": info.model_uri})
-        write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", {k: metrics[k] for k in TRACKED})
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the adapter is saved and logged
     return metrics
 
@@ -303,24 +305,6 @@ def save_adapter(peft_model, tokenizer, path: Path) -> None:
     with atomic_dir(path) as tmp:
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-
-def log_adapter(peft_model, tokenizer, base: str, max_new_tokens: int = 32):
-    """The adapter as an MLflow transformers model: adapter weights only, the base model referenced by path.
-    Served (`mlflow models serve`, `mixtune predict`) it answers greedily with the answer only, no prompt echo."""
-    import mlflow
-    import peft
-    import torch
-    import transformers
-
-    reqs = [f"transformers=={transformers.__version__}", f"peft=={peft.__version__}",
-            f"torch=={torch.__version__.split('+')[0]}", "accelerate"]
-    return mlflow.transformers.log_model(
-        transformers_model={"model": peft_model, "tokenizer": tokenizer}, name="adapter",
-        task="text-generation", pip_requirements=reqs,
-        base_model_path=base if os.path.isdir(base) else None,
-        model_config={"max_new_tokens": max_new_tokens, "do_sample": False, "return_full_text": False},
-    )
 
 
 def _checkpoint_state(checkpoint: str) -> dict:
