@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -350,3 +351,48 @@ def test_missing_adapter_is_one_line(tmp_path, monkeypatch, cli, tiny_model):
     assert line == ("mixtune evaluate: error: train/adapter: not an adapter folder (no adapter_config.json); "
                     "run the train stage")
 
+
+
+# --- data parallel: the shipped DDP configuration, on two CPU processes -----------------------------------------
+
+
+def test_ddp_on_two_cpu_processes_trains_as_one_process_with_the_same_global_batch(tmp_path, monkeypatch, tiny_model):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml` (gloo on a CPU: --mixed_precision no) runs
+    the train stage as two ranks of batch 4: one MLflow run, one adapter (rank 0's), and the computation of one
+    process with batch 8. Accelerate splits each global batch of the same seeded order across the ranks, and
+    the loss is normalised by the global count of completion tokens, so only the all-reduce's summation order
+    differs: measured identical to 1e-6 per step; 1e-4 is 100x that."""
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    for root in (ddp, single):
+        write_prepared(root)
+        make_mix(root, generalist_share=0.2)
+    cfg = {"max_steps": -1, "epochs": 2, "logging_steps": 1, "save_steps": 100, "group_by_length": False}
+    write_stage_params(ddp / "params.yaml", tiny_model, train_config(batch_size=4, **cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"sqlite:///{ddp}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                           str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"),
+                           "--mixed_precision", "no", "--main_process_port", str(port),
+                           "-m", "mixtune.cli", "train"], cwd=ddp, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("train: 10 steps") == 2  # both ranks trained: 40 examples x 2 epochs / (2 x 4)
+
+    uri_single = use_store(monkeypatch, single)
+    one = train.run(train_config(batch_size=8, **cfg), ModelConfig(base=str(tiny_model)), Path("mix"), Path("train"))
+    [run] = runs(uri)  # rank 0 alone tracks
+    assert run.info.status == "FINISHED" and len(runs(uri_single)) == 1
+    md, ms = (json.loads((r / "train" / "metrics.json").read_text()) for r in (ddp, single))
+    assert md["steps"] == ms["steps"] == one["steps"] == 10
+    assert md["trained_tokens"] == ms["trained_tokens"]  # every example trained on, once per epoch
+    assert run.data.metrics["trained_tokens"] == md["trained_tokens"]
+    curves = [[float(r["loss"]) for r in csv.DictReader(open(root / "train" / "loss.csv"))] for root in (ddp, single)]
+    assert len(curves[0]) == len(curves[1]) == 10 and curves[0] != [curves[0][0]] * 10
+    assert curves[0] == pytest.approx(curves[1], abs=1e-4)
+    from safetensors.torch import load_file
+
+    wd, ws = (load_file(r / "train" / "adapter" / "adapter_model.safetensors") for r in (ddp, single))
+    assert wd.keys() == ws.keys() and all((wd[k] - ws[k]).abs().max().item() <= 1e-4 for k in wd)
