@@ -50,9 +50,11 @@ bench: run
 	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/bench_search.py
 
-# The MLflow UI on the project's store, on this machine only.
+# The MLflow UI on the project's store, on this machine only; first the links that open on the runs, the latest
+# search's charts and the registered model.
 ui: $(STAMP)
 	mkdir -p mlruns
+	@$(BIN)/python -m mixtune.ui http://127.0.0.1:$(MLFLOW_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 clean:

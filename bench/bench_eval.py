@@ -32,19 +32,20 @@ def main() -> None:
     from mixtune.config import load_section
     from mixtune.score import generate, label_from_text, predict
     from mixtune.files import read_jsonl, write_json
-    from mixtune.model import load_adapter, load_base, load_tokenizer, precision, resolve_base
+    from mixtune.model import load_adapter, load_base, load_tokenizer, resolve_base
+    from mixtune.score import precision
 
     cfg = load_section("evaluate", args.params)
     base = resolve_base(load_section("model", args.params).base)
     examples = read_jsonl(REPO / "prepared" / "specialist" / "test.jsonl")[: args.examples]
     gold = [ex["completion"] for ex in examples]
-    prec = precision("auto")
+    prec = precision()  # what predict scores at
     tokenizer = load_tokenizer(base)
     model = load_adapter(load_base(base), REPO / "train" / "adapter").eval()
 
     def run(name: str) -> dict:
         t = time.perf_counter()
-        scored = predict(model, tokenizer, examples, cfg, prec)
+        scored = predict(model, tokenizer, examples, cfg)
         t_score = (time.perf_counter() - t) / len(examples)
         t = time.perf_counter()
         texts = generate(model, tokenizer, examples, 1, cfg.max_new_tokens, prec)

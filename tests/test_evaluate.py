@@ -86,8 +86,14 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
     for g, o in zip(got, one_batch):  # the batch size changes nothing but speed
         assert o == pytest.approx(g, abs=1e-4)
     # predict takes the best-scoring option
-    preds = score.predict(model, tokenizer, examples, section("evaluate", batch_size=2), "fp32")
+    preds = score.predict(model, tokenizer, examples, section("evaluate", batch_size=2))
     assert preds == [ex["options"][int(np.argmax(w))] for ex, w in zip(examples, want)]
+    # On a CPU every answer is scored in fp32: an example scores the same alone as in any batch (served = evaluated)
+    assert score.precision() == "fp32"
+    cfg = section("evaluate", batch_size=16)
+    together = score.answer(model, tokenizer, examples, cfg)[1]
+    for ex, t in zip(examples[:4], together):
+        assert score.answer(model, tokenizer, [ex], cfg)[1][0] == pytest.approx(t, abs=1e-5)
 
 
 # --- the stage -------------------------------------------------------------------------------------------------
@@ -159,10 +165,10 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
     assert f["probe_n"] == len(probe) == 10
     assert f["tuned"] == f["specialist"] and f["tuned"]["low"] <= f["tuned"]["value"] <= f["tuned"]["high"]
     assert not {ex["id"] for ex in probe} & {ex["id"] for ex in read_jsonl(root / "mix" / "train.jsonl")}
-    from mixtune.model import load_base, load_tokenizer, precision
+    from mixtune.model import load_base, load_tokenizer
 
-    base_answers = score.predict(load_base(str(tiny_model)), load_tokenizer(str(tiny_model)), probe, _eval_cfg(),
-                                 precision("auto"))  # as evaluate scores
+    base_answers = score.predict(load_base(str(tiny_model)), load_tokenizer(str(tiny_model)), probe,
+                                 _eval_cfg())  # as evaluate scores
     # plain accuracy over the questions (as each search trial scores the probe), not a mean over their 3 tasks
     assert f["base_accuracy"] == pytest.approx(np.mean([a == ex["completion"] for a, ex in zip(base_answers, probe)]))
 

@@ -242,14 +242,14 @@ def scored(registered) -> list[dict]:
     from types import SimpleNamespace
 
     from mixtune import score
-    from mixtune.model import load_adapter, load_base, load_tokenizer, precision
+    from mixtune.model import load_adapter, load_base, load_tokenizer
     from mixtune.serve import answers
 
     base, cfg = sp.load(registered, "model").base, sp.load(registered, "evaluate")
     test = read_jsonl(registered / "prepared" / "specialist" / "test.jsonl")
     model = load_adapter(load_base(base), registered / "train" / "adapter")
     cfg = SimpleNamespace(batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-    return answers(test, *score.answer(model, load_tokenizer(base), test, cfg, precision("auto")))
+    return answers(test, *score.answer(model, load_tokenizer(base), test, cfg))
 
 
 def check_answers(answers: list[dict], labels: list[str], scored: list[dict]) -> None:
@@ -338,3 +338,19 @@ def test_predict_bad_records_are_one_line_before_the_model_loads(registered, cli
     assert rc == 1 and out == ""
     one_line(err, "mixtune predict: error: ", fragment)
     assert not (registered / "p.jsonl").exists()
+
+
+def test_make_ui_prints_links_to_the_runs_the_latest_search_and_the_registered_model(registered):
+    from mixtune.ui import links
+
+    exp = client().get_experiment_by_name(f"mixtune/{sp.TASK}")
+    [latest] = client().search_runs([exp.experiment_id], "tags.`mixtune.stage` = 'search'",
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+    base = "http://127.0.0.1:5999"
+    assert links(base) == [
+        f"mixtune/{sp.TASK}: its runs            {base}/#/experiments/{exp.experiment_id}/runs",
+        f"mixtune/{sp.TASK}: the latest search   {base}/#/experiments/{exp.experiment_id}/runs/{latest.info.run_id}/artifacts",
+        f"{NAME} (candidate=v1, champion=v1): {base}/#/models/{NAME}"]
+    assert "dev_vs_share.png" in {a.path for a in client().list_artifacts(latest.info.run_id)}  # the charts
+    # the UI opens the experiment on its runs, not on MLflow 3's GenAI overview
+    assert client().get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

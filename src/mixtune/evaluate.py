@@ -21,7 +21,7 @@ from mixtune import score
 from mixtune.config import EvaluateConfig, ModelConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json, write_jsonl
-from mixtune.model import adapter_file, load_adapter, load_base, load_tokenizer, precision, require_adapter, resolve_base
+from mixtune.model import adapter_file, load_adapter, load_base, load_tokenizer, require_adapter, resolve_base
 from mixtune.tracking import ADAPTER_TAG, PREDICTIONS_TAG, Timer, find_run, log_dataset, mix_label, stage_run
 
 SYSTEMS = ("tuned", "base", "specialist")
@@ -66,7 +66,6 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
     for path in adapters.values():  # before a run is opened and the base model loaded
         require_adapter(path)
     metric = score.metric_name(metric, examples)
-    prec = precision("auto")
     timer = Timer()
     adapter_sha = sha256_file(adapter_file(train / "adapter"))
     tags = {"mixtune.mix_sha256": manifest["sha256"], ADAPTER_TAG: adapter_sha,
@@ -89,9 +88,9 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
             if system != "base":
                 model = load_adapter(model, adapters[system])
             t = time.perf_counter()
-            preds[system] = score.predict(model, tokenizer, examples, cfg, prec)
+            preds[system] = score.predict(model, tokenizer, examples, cfg)
             seconds[system] = time.perf_counter() - t
-            probe_preds[system] = score.predict(model, tokenizer, probe, cfg, prec)
+            probe_preds[system] = score.predict(model, tokenizer, probe, cfg)
 
         cmp = score.compare(score.Scorer(examples, metric), preds, cfg.bootstrap, cfg.seed,
                             gains=(("tuned", "base"), ("tuned", "specialist")))

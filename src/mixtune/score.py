@@ -26,6 +26,20 @@ _PER_EXAMPLE = {"accuracy": M.exact_match, "exact_match": M.exact_match, "token_
 # --- predictions --------------------------------------------------------------------------------------------
 
 
+def precision() -> str:
+    """What every answer is scored at: fp32 on a CPU. There, bf16 autocast makes an example's scores depend on the
+    batch it shares (measured with the tuned BBC adapter: options' probabilities moved by up to 0.08 between two
+    batchings of the same articles, and 6 of 211 test labels differed from fp32), while batched fp32 costs what
+    unbatched bf16 costs (68 s against 72 s for the 211 articles, 45 s batched bf16). So evaluate, the search and
+    the served model give each example one answer, whatever else is in its batch (fp32: within 6e-6). On a GPU,
+    bf16 (fp16 without it): not measured here."""
+    import torch
+
+    from mixtune.model import precision as hardware
+
+    return hardware("auto") if torch.cuda.is_available() else "fp32"
+
+
 def _autocast(prec: str):
     import torch
 
@@ -119,10 +133,11 @@ def label_from_text(text: str, options: list[str]) -> str:
     return ""
 
 
-def answer(model, tokenizer, examples: list[dict], cfg, prec: str) -> tuple[list[str], list[list[float] | None]]:
+def answer(model, tokenizer, examples: list[dict], cfg) -> tuple[list[str], list[list[float] | None]]:
     """Each example's answer, the way it is scored: the most likely option (classification, multiple choice),
     else the greedy text; and the options' log-likelihoods (None for a generated answer). `cfg`: batch_size
-    and max_new_tokens (of evaluate). The model's mode is restored."""
+    and max_new_tokens (of evaluate). At `precision()`. The model's mode is restored."""
+    prec = precision()
     training = model.training
     model.eval()
     choice = [i for i, ex in enumerate(examples) if ex["options"]]
@@ -139,15 +154,15 @@ def answer(model, tokenizer, examples: list[dict], cfg, prec: str) -> tuple[list
     return preds, scores
 
 
-def predict(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[str]:
+def predict(model, tokenizer, examples: list[dict], cfg) -> list[str]:
     """Each example's answer (see `answer`): what evaluate, the search and the served model score."""
-    return answer(model, tokenizer, examples, cfg, prec)[0]
+    return answer(model, tokenizer, examples, cfg)[0]
 
 
-def correct(model, tokenizer, examples: list[dict], cfg, prec: str) -> list[float]:
+def correct(model, tokenizer, examples: list[dict], cfg) -> list[float]:
     """Each example's exact match (the chosen label, for classification and multiple choice): the study's
     per-example score."""
-    return [M.exact_match(p, ex["completion"]) for p, ex in zip(predict(model, tokenizer, examples, cfg, prec),
+    return [M.exact_match(p, ex["completion"]) for p, ex in zip(predict(model, tokenizer, examples, cfg),
                                                                examples)]
 
 

@@ -69,7 +69,7 @@ class _Trials:
         self.numbers: list[int] = []  # the trials this process ran
 
     def predict(self, model, examples: list[dict]) -> list[str]:
-        return score.predict(model, self.tokenizer, examples, self.eval_cfg, self.prec)
+        return score.predict(model, self.tokenizer, examples, self.eval_cfg)
 
     def base_probe(self, study) -> None:
         """The base model's answers to the probe, once per study: every trial's forgetting is against them."""

@@ -86,20 +86,19 @@ def answers(examples: list[dict], preds: list[str], scores: list) -> list[dict]:
 
 class TaskModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from mixtune.model import load_adapter, load_base, load_tokenizer, precision
+        from mixtune.model import load_adapter, load_base, load_tokenizer
 
         self.recipe = json.loads(Path(context.artifacts["recipe"]).read_text())
         self.requests = Requests(self.recipe)
         base = self.recipe["base"]
         self.tokenizer = load_tokenizer(base)
         self.model = load_adapter(load_base(base), Path(context.artifacts["adapter"])).eval()
-        self.prec = precision("auto")  # as evaluate chose it on this machine
         self.cfg = SimpleNamespace(**self.recipe["score"])
 
     def predict(self, context, model_input, params=None) -> list[dict]:
         rows = model_input.to_dict(orient="records") if hasattr(model_input, "to_dict") else list(model_input)
         examples = self.requests(rows, lambda i: f"row {i + 1}")
-        preds, scores = score.answer(self.model, self.tokenizer, examples, self.cfg, self.prec)
+        preds, scores = score.answer(self.model, self.tokenizer, examples, self.cfg)
         return answers(examples, preds, scores)
 
 

@@ -138,7 +138,7 @@ class _Runner:
 
         out = {}
         for split, examples in (("dev", self.dev), ("test", self.test)):
-            c = correct(model, self.tokenizer, examples, self.cfg.evaluate, self.prec)
+            c = correct(model, self.tokenizer, examples, self.cfg.evaluate)
             out[split] = {"score": float(np.mean(c)), "correct": M.to_bits(c)}
         return out
 
