@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE := 1
 # This machine sets PYTHONDONTWRITEBYTECODE; compiled bytecode halves import time.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: run test study setup fetch bench ui clean
+.PHONY: run test study setup fetch bench ui serve clean
 
 MLFLOW_PORT ?= 5000
 
@@ -56,6 +56,13 @@ ui: $(STAMP)
 	mkdir -p mlruns
 	@$(BIN)/python -m mixtune.ui http://127.0.0.1:$(MLFLOW_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+# The champion behind a REST endpoint (POST /invocations with the task's raw input), on this machine only.
+MODEL      ?= mixtune-bbc_news
+SERVE_PORT ?= 5001
+serve: $(STAMP)
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db $(BIN)/mlflow models serve \
+	    -m models:/$(MODEL)@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 clean:
 	rm -rf prepared mix .cache/bench
