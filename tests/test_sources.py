@@ -428,3 +428,28 @@ def test_a_bad_request_is_one_line_naming_the_field(fmt, row, message):
     with pytest.raises(MixtuneError) as e:
         prompter(entry)(row, "row 1")
     assert str(e.value).startswith(message)
+
+
+def test_a_scenario_model_takes_each_tasks_own_columns_and_the_request_names_its_task(tmp_path):
+    from mixtune.serve import Requests, signature
+
+    write_jsonl(tmp_path / "topic.jsonl", [{"body": "one two", "y": "x"}])
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
+    recipes: dict = {}
+    [topic] = read_source(FileSource(name="topic", kind="file", path="topic.jsonl", format="classification",
+                                     labels=["x", "y"], columns={"text": "body", "label": "y"}), tmp_path,
+                          recipes=recipes)
+    [qa] = read_source(FileSource(name="qa", kind="file", path="qa.jsonl", format="alpaca"), tmp_path, recipes=recipes)
+    requests = Requests({"tasks": recipes})
+    got = requests([{"task": "qa", "instruction": "Add.", "input": "2 and 3"}, {"task": "topic", "body": "one two"}],
+                   lambda i: f"row {i + 1}")
+    assert [(e["task"], e["prompt"], e["options"]) for e in got] == [
+        ("qa", qa["prompt"], None), ("topic", topic["prompt"], ["x", "y"])]
+    with pytest.raises(MixtuneError, match=r"^row 1: field 'task': missing \(one of qa, topic\)$"):
+        requests([{"body": "one two"}], lambda i: f"row {i + 1}")
+    # the signature: every task's columns, none required but `task`
+    assert signature({"tasks": recipes}).inputs.to_dict() == [
+        {"type": "string", "name": "body", "required": False},
+        {"type": "string", "name": "instruction", "required": False},
+        {"type": "string", "name": "input", "required": False},
+        {"type": "string", "name": "task", "required": True}]

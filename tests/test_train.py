@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,7 +124,10 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert (adapter / "adapter_model.safetensors").is_file()
     assert (adapter / "tokenizer.json").is_file() and (adapter / "tokenizer_config.json").is_file()
     adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model.resolve())  # absolute: usable from anywhere
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model.resolve())  # outside the repository: absolute
+    # byte-stable (the DVC hash): sorted modules, no model card holding the path
+    assert adapter_cfg["target_modules"] == sorted(adapter_cfg["target_modules"])
+    assert not (adapter / "README.md").exists()
     assert adapter_cfg["r"] == 4
 
     # loss.csv: one row per logging step.
@@ -396,3 +400,24 @@ def test_ddp_on_two_cpu_processes_trains_as_one_process_with_the_same_global_bat
 
     wd, ws = (load_file(r / "train" / "adapter" / "adapter_model.safetensors") for r in (ddp, single))
     assert wd.keys() == ws.keys() and all((wd[k] - ws[k]).abs().max().item() <= 1e-4 for k in wd)
+
+
+def test_a_saved_adapter_is_the_same_bytes_in_any_clone_and_process(tmp_path, tiny_model):
+    """Two clones (different absolute paths), each saving the same weights in a process of its own hash seed:
+    the same files, so the same DVC hash; the base inside the repository is named relative to it."""
+    script = (
+        "import sys, torch; from pathlib import Path; from peft import LoraConfig, get_peft_model;"
+        "from mixtune.model import load_base, load_tokenizer; from mixtune.train import save_adapter;"
+        "torch.manual_seed(0); base = str(Path('models/tiny').resolve());"
+        "m = get_peft_model(load_base(base), LoraConfig(r=4, lora_alpha=8, target_modules='all-linear',"
+        " task_type='CAUSAL_LM', init_lora_weights=False));"
+        "save_adapter(m, load_tokenizer(base), Path('adapter'))")
+    files = []
+    for clone, seed in (("a", "1"), ("b", "2")):
+        root = tmp_path / clone
+        shutil.copytree(tiny_model, root / "models" / "tiny")
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        subprocess.run([sys.executable, "-c", script], cwd=root, env=env, check=True, capture_output=True)
+        files.append({p.name: p.read_bytes() for p in sorted((root / "adapter").iterdir())})
+    assert files[0] == files[1] and "adapter_model.safetensors" in files[0]
+    assert json.loads(files[0]["adapter_config.json"])["base_model_name_or_path"] == "models/tiny"

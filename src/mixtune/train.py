@@ -23,7 +23,7 @@ from mixtune.config import ModelConfig, TrainConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
 from mixtune.model import adapter_file, load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import ADAPTER_TAG, Timer, log_dataset, mix_label, stage_run
+from mixtune.tracking import ADAPTER_TAG, Timer, log_dataset, mix_label, repo_root, stage_run
 
 # LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
 # frozen base weights get no gradient).
@@ -302,9 +302,23 @@ def dataset_tokens(trainer) -> int:
 
 
 def save_adapter(peft_model, tokenizer, path: Path) -> None:
+    """The adapter and its tokenizer, byte for byte the same for the same weights wherever and whenever they are
+    trained: PEFT writes `target_modules` from a set (its order follows the process's hash seed) and the base
+    model's absolute path (this clone's), in adapter_config.json and in a model card; either would change the
+    adapter's DVC hash, and dvc.lock, on every run. The modules are sorted, a base inside the repository is
+    written relative to it, and the card (nothing but that path) is left out. mixtune's loaders pass the base
+    model themselves."""
     with atomic_dir(path) as tmp:
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        config = json.loads((tmp / "adapter_config.json").read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        base = Path(config.get("base_model_name_or_path") or "")
+        if base.is_absolute() and base.is_relative_to(repo_root()):
+            config["base_model_name_or_path"] = str(base.relative_to(repo_root()))
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").unlink(missing_ok=True)
 
 
 def _checkpoint_state(checkpoint: str) -> dict:
