@@ -14,13 +14,14 @@ export HF_DATASETS_OFFLINE := 1
 # This machine sets PYTHONDONTWRITEBYTECODE; compiled bytecode halves import time.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: run test study setup fetch bench ui serve clean
+.PHONY: run test study setup fetch bench ui serve screenshots clean
 
 MLFLOW_PORT ?= 5000
 
 run: fetch
 	$(BIN)/dvc repro
 	@$(BIN)/dvc status dvc.yaml
+	@echo "what training saw: prepared/card.md (mixtune check writes it in seconds, before a run)"
 
 test: fetch
 	$(BIN)/pytest -q
@@ -63,6 +64,13 @@ SERVE_PORT ?= 5001
 serve: $(STAMP)
 	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/mlruns/mlflow.db $(BIN)/mlflow models serve \
 	    -m models:/$(MODEL)@champion --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
+
+# The README's MLflow screenshots from this store (after `make run` and one `dvc exp run -S ...`), re-taken when
+# the UI they show changes. Needs Debian's chromium (apt-get install chromium); Playwright drives it.
+screenshots: $(STAMP)
+	@command -v chromium >/dev/null || { echo "make screenshots: needs chromium (apt-get install chromium)"; exit 1; }
+	$(BIN)/pip install -q --disable-pip-version-check playwright==1.65.2
+	$(BIN)/python docs/screenshot.py
 
 clean:
 	rm -rf prepared mix .cache/bench

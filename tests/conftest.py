@@ -77,10 +77,13 @@ def section(name: str, **overrides):
 
 def write_params(path: Path, **sections) -> Path:
     """A params file with `sections`, each laid over the repository's section of that name (config.py has no
-    defaults: every key comes from a params file). A test's `prepare` has no generalist source unless it says."""
+    defaults: every key comes from a params file). A test's `prepare` has no generalist source and no minimum
+    split size (its splits are a few examples) unless it says."""
     repo = yaml.safe_load((REPO / "params.yaml").read_text())
     if "prepare" in sections:
-        sections["prepare"] = {"generalist": [], **sections["prepare"]}
+        sections["prepare"] = {"generalist": [], "min_eval_examples": 0, **sections["prepare"]}
+        # prepare measures examples in the base model's tokens, against train.max_length
+        sections = {"model": {}, "train": {}, **sections}
     full = {name: merged(repo[name], values) if name in repo and isinstance(values, dict) else values
             for name, values in sections.items()}
     path.write_text(yaml.safe_dump(full, sort_keys=False), encoding="utf-8")

@@ -25,9 +25,10 @@ def one_line(err: str, *fragments: str) -> str:
     return lines[0]
 
 
-def prepare_fails(tmp_path, cli, spec: dict | None = None, generalist: list | None = None, *fragments) -> str:
-    params = write_params(tmp_path / "params.yaml",
-                          prepare={"specialist": [spec or spec_source()], "generalist": generalist or []})
+def prepare_fails(tmp_path, cli, spec: dict | None = None, generalist: list | None = None, *fragments,
+                  prepare: dict | None = None) -> str:
+    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec or spec_source()],
+                                                             "generalist": generalist or [], **(prepare or {})})
     out = tmp_path / "prepared"
     rc, stdout, err = cli("--params", params, "prepare", "--root", tmp_path, "--out", out)
     assert rc != 0
@@ -75,6 +76,38 @@ def test_empty_field_in_a_csv_record(tmp_path, cli):
 def test_label_outside_the_label_set(tmp_path, cli):
     write_jsonl(tmp_path / "spec.jsonl", [*GOOD[:6], {"text": "some words", "label": "sports"}])
     prepare_fails(tmp_path, cli, None, None, "spec.jsonl:7:", "field 'label'", "'sports'", "label set")
+
+
+def test_examples_over_max_length_stop_with_what_to_change(tmp_path, cli):
+    """Training would truncate them at train.max_length (512), cut off their answer and drop them: a user with
+    long documents would train on a fraction of what the mix says, without a word."""
+    records = [dict(r) for r in GOOD]
+    records[1]["text"] = " ".join(["word"] * 600)  # about 600 tokens with the chat template
+    records[4]["text"] = " ".join(["word"] * 900)  # the longest
+    write_jsonl(tmp_path / "spec.jsonl", records)
+    line = prepare_fails(tmp_path, cli, None, None, "spec.jsonl: source 'spec': 2 of 60 examples exceed "
+                         "train.max_length=512 tokens with the chat template, and training would drop them "
+                         "(the longest: record 5, ")
+    assert line.endswith("set max_input_words on the source, raise train.max_length, or set prepare.too_long: "
+                         "truncate_input")
+
+
+def test_a_split_too_small_to_measure_anything(tmp_path, cli):
+    write_jsonl(tmp_path / "spec.jsonl", GOOD[:45])  # 10% of each label's records, rounded: 5 dev examples
+    prepare_fails(tmp_path, cli, None, None, "spec.jsonl: the dev split holds 5 examples (0.1 of 45), fewer than "
+                  "prepare.min_eval_examples=20", "raise prepare.dev_fraction", prepare={"min_eval_examples": 20})
+
+
+def test_a_record_over_the_size_limit(tmp_path, cli):
+    write_jsonl(tmp_path / "spec.jsonl", [*GOOD[:3], {"text": "x" * 5000, "label": "a"}, *GOOD[3:]])
+    prepare_fails(tmp_path, cli, None, None, "spec.jsonl: record 4: ", "characters, over prepare.max_record_chars=1000",
+                  prepare={"max_record_chars": 1000})
+
+
+def test_a_classification_task_with_a_single_label(tmp_path, cli):
+    write_jsonl(tmp_path / "spec.jsonl", [r for r in GOOD if r["label"] == "b"])
+    prepare_fails(tmp_path, cli, None, None, "spec.jsonl: source 'spec': field 'label': every record has the label "
+                  "'b': a classifier needs at least two labels")
 
 
 def test_empty_source(tmp_path, cli):

@@ -64,7 +64,8 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     params = {
         "prepare": {
             "seed": 0, "dev_fraction": 0.1, "test_fraction": 0.1, "decontaminate_ngram": 13,
-            "generalist_max_chars": 2000, "generalist_probe": 20,
+            "generalist_max_chars": 2000, "generalist_probe": 20, "too_long": "error", "min_eval_examples": 20,
+            "max_record_chars": 100000,
             "specialist": [{
                 "name": "bbc_news", "kind": "file", "path": "data/specialist/bbc_news.jsonl",
                 "format": "classification", "columns": {"text": "text", "label": "label"},
@@ -75,6 +76,8 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
                             "max_per_task": 40}],
         },
         "mix": {"specialist_size": 200, "generalist_share": 0.0, "seed": 0, "corrupt_generalist": 0.0},
+        "model": {"base": str(REPO / "models" / "SmolLM2-135M-Instruct")},  # its tokenizer measures the examples
+        "train": {"max_length": 512},
     }
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # The search's answer, as `mix.generalist_share: auto` reads it (the search stage itself is tested elsewhere).
@@ -88,7 +91,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     assert "Running stage 'prepare'" in first and "Running stage 'mix'" in first
 
     stats = json.loads((repo / "prepared" / "stats.json").read_text())
-    assert stats["specialist"] == {"bbc_news": {"read": 2225}}  # the fetched, sha256-verified corpus
+    assert stats["specialist"] == {"bbc_news": {"read": 2225, "too_long": 0, "truncated": 0}}  # the fetched, sha256-verified corpus
     assert stats["specialist_duplicates_removed"] == 117
     assert stats["splits"] == {"train": 1686, "dev": 211, "test": 211}
     for name, n in stats["splits"].items():

@@ -8,6 +8,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from mixtune import prepare
 from mixtune.files import read_jsonl
 
@@ -18,8 +20,15 @@ OUTPUTS = ("specialist/train.jsonl", "specialist/dev.jsonl", "specialist/test.js
 
 
 def run(root: Path, out: str = "prepared", *, generalist: list | None = None, **cfg) -> dict:
-    config = section("prepare", **{"specialist": [spec_source()], "generalist": generalist or [], **cfg})
-    return prepare.run(config, root, root / out)
+    # Splits of a few examples are fine for counting: min_eval_examples has its own test.
+    config = section("prepare", **{"specialist": [spec_source()], "generalist": generalist or [],
+                                   "min_eval_examples": 0, **cfg})
+    return prepare_run(config, root, root / out)
+
+
+def prepare_run(config, root: Path, out: Path) -> dict:
+    """prepare.run with the repository's base model (its tokenizer measures the examples) and max_length."""
+    return prepare.run(config, section("model"), section("train").max_length, root, out)
 
 
 def splits(out: Path) -> dict[str, list[dict]]:
@@ -59,8 +68,8 @@ def test_split_stratified_by_task_for_a_scenario(tmp_path):
     write_jsonl(tmp_path / "qa.jsonl", [{"instruction": sentence(random.Random(i), 15), "output": "yes"}
                                         for i in range(30)])
     config = section("prepare", specialist=[spec_source(), alpaca_source("qa", "qa.jsonl")], generalist=[],
-                     dev_fraction=0.1, test_fraction=0.2)
-    stats = prepare.run(config, tmp_path, tmp_path / "prepared")
+                     dev_fraction=0.1, test_fraction=0.2, min_eval_examples=0)
+    stats = prepare_run(config, tmp_path, tmp_path / "prepared")
     by_task = {name: Counter(ex["task"] for ex in part) for name, part in splits(tmp_path / "prepared").items()}
     assert by_task == {"train": {"spec": 14, "qa": 21}, "dev": {"spec": 2, "qa": 3}, "test": {"spec": 4, "qa": 6}}
     assert stats["specialist_tasks"] == {"qa": 30, "spec": 20}
@@ -74,7 +83,7 @@ def test_dedupe_exact_counts(tmp_path):
     gen += [gen[0], gen[1], {"instruction": "Say 2.", "output": "two"}]  # the last one differs in its answer
     write_jsonl(tmp_path / "gen.jsonl", gen)
     stats = run(tmp_path, generalist=[alpaca_source("gen", "gen.jsonl")])
-    assert stats["specialist"] == {"spec": {"read": 43}}
+    assert stats["specialist"] == {"spec": {"read": 43, "too_long": 0, "truncated": 0}}
     assert stats["specialist_duplicates_removed"] == 3
     assert sum(stats["splits"].values()) == 40
     assert stats["generalist"] == {"gen": {"read": 13, "target_task_removed": 0, "too_long_removed": 0}}
@@ -167,3 +176,90 @@ def test_decontamination_window_is_configurable(tmp_path):
     gen = [alpaca_source("gen", "gen.jsonl")]
     assert run(tmp_path, "n13", generalist=gen, decontaminate_ngram=13)["decontaminated"] == 0
     assert run(tmp_path, "n5", generalist=gen, decontaminate_ngram=5)["decontaminated"] == 1
+
+
+def test_truncate_input_fits_every_example_whole_and_training_keeps_them_all(tmp_path, tiny_model):
+    """prepare.too_long: truncate_input cuts the input of each example over train.max_length (never its label);
+    the trainer then tokenizes exactly what prepare measured and trains on every example the mix holds; the
+    registered model's requests are cut the same way."""
+    from mixtune import train
+    from mixtune.config import ModelConfig
+    from mixtune.errors import MixtuneError
+    from mixtune.model import chat_tokens, load_tokenizer, with_answer
+    from mixtune.serve import Requests
+
+    from workspace import train_config
+
+    rng = random.Random(5)
+    records = classification_records({"a": 6, "b": 6}, words=12)
+    for i in (0, 3, 7):
+        records[i] = {**records[i], "text": sentence(rng, 300)}  # about 850 tokens
+    write_jsonl(tmp_path / "spec.jsonl", records)
+    cfg = section("prepare", specialist=[spec_source()], generalist=[], min_eval_examples=0, dev_fraction=0.0,
+                  test_fraction=0.25, too_long="truncate_input")
+    model = ModelConfig(base=str(tiny_model))
+    tokenizer = load_tokenizer(str(tiny_model))
+    long = chat_tokens(tokenizer, [[{"role": "user", "content": records[i]["text"]}] for i in (0, 3, 7)])
+    assert min(long) > 200
+
+    with pytest.raises(MixtuneError, match=r"3 of 12 examples exceed train.max_length=160 tokens"):
+        prepare.run(cfg.model_copy(update={"too_long": "error"}), model, 160, tmp_path, tmp_path / "err")
+    stats = prepare.run(cfg, model, 160, tmp_path, tmp_path / "prepared")
+    assert stats["specialist"]["spec"] == {"read": 12, "too_long": 3, "truncated": 3}
+    parts = splits(tmp_path / "prepared")
+    examples = parts["train"] + parts["test"]
+    assert len(examples) == 12  # none lost
+    lengths = chat_tokens(tokenizer, [with_answer(ex) for ex in examples])
+    assert max(lengths) <= 160
+    by_record = {int(ex["id"].split("/")[1]): ex for ex in examples}
+    for i, ex in by_record.items():
+        assert ex["completion"] == records[i]["label"]  # the answer is whole
+        text = ex["prompt"][-1]["content"].split("\n\n")[1]
+        if i in (0, 3, 7):  # cut to a prefix of its words that fits, and no shorter than it must be
+            assert records[i]["text"].startswith(text) and len(text) < len(records[i]["text"])
+        else:
+            assert text == records[i]["text"]
+    recipe = json.loads((tmp_path / "prepared" / "specialist" / "recipe.json").read_text())
+    budget = recipe["tasks"]["spec"]["prompt_budget"]
+    assert max(chat_tokens(tokenizer, [ex["prompt"] for ex in examples], add_generation_prompt=True)) <= budget
+
+    # The trainer tokenizes what prepare measured, and keeps every example.
+    trainer = train.build_trainer(train_config(max_length=160), str(tiny_model), parts["train"], tmp_path / "out",
+                                  "fp32", tokenizer)
+    assert len(trainer.train_dataset) == len(parts["train"]) == 8
+    assert [len(ids) for ids in trainer.train_dataset["input_ids"]] == \
+        chat_tokens(tokenizer, [with_answer(ex) for ex in parts["train"]])
+
+    # A served request for a raw record is cut as its test example was.
+    raw = [{"text": records[i]["text"]} for i in sorted(by_record)]
+    served = Requests(recipe, tokenizer)(raw, lambda n: f"row {n + 1}")
+    assert [s["prompt"] for s in served] == [by_record[i]["prompt"] for i in sorted(by_record)]
+
+
+def test_mixtune_check_shows_what_training_sees(tmp_path, cli, tiny_model):
+    from mixtune import train
+    from mixtune.model import load_tokenizer
+
+    from conftest import files_under, write_params
+    from workspace import train_config
+
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 10, "c": 10}))
+    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source()]},
+                          model={"base": str(tiny_model)})
+    rc, out, err = cli("--params", params, "check", "--root", tmp_path, "--out", tmp_path / "prepared")
+    assert rc == 0, err
+    card = (tmp_path / "prepared" / "card.md").read_text()
+    assert out == card and files_under(tmp_path / "prepared") == [tmp_path / "prepared" / "card.md"]  # only the card
+    # label counts per split: round(10% of each label) to dev and to test, the rest to train
+    assert "| train | 32 | 16 | 8 | 8 |\n| dev | 4 | 2 | 1 | 1 |\n| test | 4 | 2 | 1 | 1 |" in card
+    assert "- source `spec`: 40 records read, 0 over max_length, 0 inputs truncated" in card
+    assert "Every dev/test label is in the train split." in card
+    # the first training example, rendered exactly as the trainer tokenizes it
+    prepare.run(section("prepare", specialist=[spec_source()], generalist=[], min_eval_examples=0),
+                section("model", base=str(tiny_model)), 512, tmp_path, tmp_path / "full")
+    assert (tmp_path / "full" / "card.md").read_text() == card  # prepare writes the same card
+    first = read_jsonl(tmp_path / "full" / "specialist" / "train.jsonl")[:1]
+    tokenizer = load_tokenizer(str(tiny_model))
+    trainer = train.build_trainer(train_config(), str(tiny_model), first, tmp_path / "out", "fp32", tokenizer)
+    rendered = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
+    assert f"```text\n{rendered.rstrip()}\n```" in card

@@ -121,6 +121,12 @@ def test_first_version_is_champion_from_evaluates_answers_and_no_duplicate(proje
     assert float(tags["mixtune.forgetting"]) == pytest.approx(measured["forgetting"]["tuned"]["value"])
     assert tags["mixtune.decision"] == "promoted" and tags["mixtune.reason"] == "first version: no champion yet"
     assert tags["mixtune.champion_version"] == "" and tags["mixtune.champion_score"] == ""
+    # what the registry page shows: the version's score and decision, the model's what-it-is
+    t = measured["macro_f1"]["tuned"]
+    assert client().get_model_version(NAME, "1").description == (
+        f"test macro_f1 {t['value']:.3f} [{t['low']:.3f}, {t['high']:.3f}] on 12 examples, generalist share "
+        f"{measured['share']:.2f} (auto): first version: no champion yet")
+    assert client().get_registered_model(NAME).description.startswith(f"{sp.TASK}: ")
     # the runs that made it, found by the files' sha256: evaluate's (of its predictions) and train's (of the adapter)
     assert tags["mixtune.evaluate_run_id"] == evaluated.info.run_id
     assert tags["mixtune.source_run_id"] == runs_of("train")[0].info.run_id == evaluated.data.tags["mixtune.train_run_id"]
@@ -344,6 +350,8 @@ def test_make_ui_prints_links_to_the_runs_the_latest_search_and_the_registered_m
     from mixtune.ui import links
 
     exp = client().get_experiment_by_name(f"mixtune/{sp.TASK}")
+    # made by the stages so that the UI opens it on its runs, not on MLflow 3's GenAI overview
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     [latest] = client().search_runs([exp.experiment_id], "tags.`mixtune.stage` = 'search'",
                                     order_by=["attributes.start_time DESC"], max_results=1)
     base = "http://127.0.0.1:5999"
@@ -352,5 +360,3 @@ def test_make_ui_prints_links_to_the_runs_the_latest_search_and_the_registered_m
         f"mixtune/{sp.TASK}: the latest search   {base}/#/experiments/{exp.experiment_id}/runs/{latest.info.run_id}/artifacts",
         f"{NAME} (candidate=v1, champion=v1): {base}/#/models/{NAME}"]
     assert "dev_vs_share.png" in {a.path for a in client().list_artifacts(latest.info.run_id)}  # the charts
-    # the UI opens the experiment on its runs, not on MLflow 3's GenAI overview
-    assert client().get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

@@ -159,6 +159,12 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert p["model.base"] == str(tiny_model) and p["precision_used"] == "fp32"
     assert run.data.tags["mixtune.stage"] == "train"
     assert run.data.tags["mixtune.mix_sha256"] == manifest["sha256"]
+    assert run.info.run_name == "train r=0.20 set, n=32"  # tells runs of other mixes apart in the UI
+    assert run.data.tags["mlflow.note.content"] == (
+        f"{manifest['total']} examples (32 of the task, generalist share 0.20), 8 steps: loss {m['train_loss']:.3f} "
+        f"on average, {m['final_loss']:.3f} at the end; {m['tokens_per_second']:.0f} tokens/s")
+    # made by a stage run: MLflow 3 opens it on its runs, not on the GenAI overview (traces, all empty)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [h.step for h in sorted(history, key=lambda h: h.step)] == [2, 4, 6, 8]
     assert [h.value for h in sorted(history, key=lambda h: h.step)] == pytest.approx(losses)

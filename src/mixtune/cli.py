@@ -21,9 +21,29 @@ def _prepare(args) -> None:
     from mixtune import prepare
     from mixtune.config import load_section
 
-    stats = prepare.run(load_section("prepare", args.params), Path(args.root), Path(args.out))
+    stats = prepare.run(load_section("prepare", args.params), load_section("model", args.params),
+                        load_section("train", args.params, keys=prepare.TRAIN_KEYS).max_length, Path(args.root),
+                        Path(args.out))
     print(f"prepared: splits {stats['splits']}, generalist pool {stats['generalist_pool']} "
           f"({stats['decontaminated']} decontaminated)")
+
+
+def _check(args) -> None:
+    """prepare's reading, checks and card, nothing else kept: what training will see, before an hour of it."""
+    import shutil
+    import tempfile
+
+    from mixtune import prepare
+    from mixtune.config import load_section
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare.run(load_section("prepare", args.params), load_section("model", args.params),
+                    load_section("train", args.params, keys=prepare.TRAIN_KEYS).max_length, Path(args.root),
+                    Path(tmp))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        shutil.move(Path(tmp) / "card.md", Path(args.out) / "card.md.tmp")
+        (Path(args.out) / "card.md.tmp").replace(Path(args.out) / "card.md")
+    print((Path(args.out) / "card.md").read_text(), end="")
 
 
 def _mix(args) -> None:
@@ -150,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".", help="folder the source paths are relative to")
     p.add_argument("--out", default="prepared")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("check", help="what training will see, in seconds: writes and prints prepared/card.md")
+    p.add_argument("--root", default=".", help="folder the source paths are relative to")
+    p.add_argument("--out", default="prepared", help="the card goes to OUT/card.md")
+    p.set_defaults(func=_check)
 
     p = sub.add_parser("mix", help="sample the training set at mix.generalist_share")
     p.add_argument("--prepared", default="prepared")

@@ -87,6 +87,11 @@ class PrepareConfig(_Section):
     # Generalist examples longer than this (prompt + answer, in characters; ~4 per token) are left out of the
     # pool: truncated to train.max_length they would lose their answer and cost compute for no loss.
     generalist_max_chars: int = Field(gt=0)
+    # A specialist example over train.max_length tokens would lose its answer to truncation and be dropped by
+    # training: `error` stops with what to change; `truncate_input` cuts the input to fit, never the answer.
+    too_long: Literal["error", "truncate_input"]
+    min_eval_examples: int = Field(ge=0)  # a dev or test split smaller than this measures nothing: an error
+    max_record_chars: int = Field(gt=0)  # a record larger than this (its input and answer) is an error
     # Multiple-choice generalist questions set aside from the pool, never mixed in: every search trial and the
     # evaluate stage score them to measure forgetting (the same questions every time).
     generalist_probe: int = Field(ge=0)

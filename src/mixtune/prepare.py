@@ -6,6 +6,7 @@ Outputs (under `prepared/`):
     generalist.jsonl                                                       the pool `mix` samples from
     generalist_probe.jsonl                   multiple-choice pool questions set aside: forgetting is measured on them
     stats.json                                                             what was read, dropped and why
+    card.md                  what training will see: rendered examples, labels per split, lengths (mixtune check)
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mixtune.config import PrepareConfig
-from mixtune.files import atomic_dir, write_json, write_jsonl
+from mixtune.config import ModelConfig, PrepareConfig
+from mixtune.errors import MixtuneError
+from mixtune.files import atomic_dir, atomic_file, write_json, write_jsonl
 from mixtune.schema import prompt_text
-from mixtune.sources import read_source
+from mixtune.sources import Fit, read_source, where_of
 
 _WORD = re.compile(r"\w+")
+TRAIN_KEYS = ("max_length",)  # of the train section: examples are measured against it
 
 
 def _key(example: dict, with_completion: bool) -> bytes:
@@ -80,17 +83,83 @@ def probe_questions(pool: list[dict], k: int, seed: int, max_options: int = 8, m
     return random.Random(seed).sample(fit, min(k, len(fit)))
 
 
-def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")) -> dict:
+def _record(example: dict) -> int:
+    return int(example["id"].rsplit("/", 1)[1]) + 1  # "<source>/<n>": the source's record n + 1
+
+
+def _check_source(src, cfg: PrepareConfig, examples: list[dict]) -> None:
+    """A record too large to take in whole, and a classification source with fewer than two labels in its
+    data: one line each, naming the file and the record."""
+    for ex in examples:
+        size = len(prompt_text(ex)) + len(ex["completion"])
+        if size > cfg.max_record_chars:
+            raise MixtuneError(f"{where_of(src)}: record {_record(ex)}: {size} characters, over "
+                               f"prepare.max_record_chars={cfg.max_record_chars}: shorten or leave out the record, "
+                               "or raise the limit")
+    if getattr(src, "format", None) == "classification":
+        labels = Counter(ex["completion"] for ex in examples)
+        if len(labels) < 2:
+            raise MixtuneError(f"{where_of(src)}: source '{src.name}': field "
+                               f"'{src.columns.get('label', 'label')}': every record has the label "
+                               f"{next(iter(labels))!r}: a classifier needs at least two labels in its data")
+
+
+def _fit(src, cfg: PrepareConfig, root: Path, examples: list[dict], lengths: list[int], over: list[int],
+         tokenizer, max_length: int, recipes: dict) -> tuple[list[dict], int]:
+    """A specialist source with examples over max_length: a one-line error that says what to change, or
+    (too_long: truncate_input) the source read again with every prompt cut to fit, its answer whole."""
+    from mixtune.model import chat_tokens
+
+    longest = max(over, key=lambda i: lengths[i])
+    if cfg.too_long == "error" or src.kind == "bigbench":
+        fixes = ("set max_input_words on the source, " if getattr(src, "format", "") == "classification" else "")
+        fixes += "raise train.max_length" + (", or set prepare.too_long: truncate_input" if src.kind != "bigbench" else "")
+        raise MixtuneError(f"{where_of(src)}: source '{src.name}': {len(over)} of {len(examples)} examples exceed "
+                           f"train.max_length={max_length} tokens with the chat template, and training would drop "
+                           f"them (the longest: record {_record(examples[longest])}, "
+                           f"{lengths[longest]} tokens): {fixes}")
+    # The budget leaves room for the longest answer (with its end-of-turn tokens) of the source: one budget for
+    # every prompt, so a served request is cut exactly as a test example was (it is in the recipe).
+    prompts = chat_tokens(tokenizer, [ex["prompt"] for ex in examples], add_generation_prompt=True)
+    budget = max_length - max(n - p for n, p in zip(lengths, prompts))
+    fit = Fit(lambda prompt: chat_tokens(tokenizer, [prompt], add_generation_prompt=True)[0], budget)
+    fitted = read_source(src, root, cfg.seed, fit=fit)
+    entry = recipes[src.task_name]
+    entry["prompt_budget"] = min(budget, entry.get("prompt_budget", budget))
+    return fitted, fit.cut
+
+
+def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path = Path("."),
+        out: Path = Path("prepared")) -> dict:
+    """`max_length`: train.max_length. Every example is measured in the base model's tokens through its chat
+    template, as training tokenizes it: training truncates at max_length and drops an example whose answer is
+    cut, so none goes in over it (too_long)."""
+    from mixtune.model import chat_tokens, load_tokenizer, resolve_base, with_answer
+
+    tokenizer = load_tokenizer(resolve_base(model_cfg.base))
     stats: dict = {"specialist": {}, "generalist": {}}
 
     specialist: list[dict] = []
     recipes: dict[str, dict] = {}  # task -> how its prompt is built: the registered model's input (sources.prompter)
     for src in cfg.specialist:
         examples = read_source(src, root, cfg.seed, recipes)
-        stats["specialist"][src.name] = {"read": len(examples)}
+        _check_source(src, cfg, examples)
+        lengths = chat_tokens(tokenizer, [with_answer(ex) for ex in examples])
+        over = [i for i, n in enumerate(lengths) if n > max_length]
+        stats["specialist"][src.name] = {"read": len(examples), "too_long": len(over), "truncated": 0}
+        if over:
+            examples, cut = _fit(src, cfg, root, examples, lengths, over, tokenizer, max_length, recipes)
+            stats["specialist"][src.name]["truncated"] = cut
         specialist += examples
     specialist, stats["specialist_duplicates_removed"] = dedupe(specialist, with_completion=False)
     parts = split(specialist, cfg.dev_fraction, cfg.test_fraction, cfg.seed)
+    for name in ("dev", "test"):
+        fraction = getattr(cfg, f"{name}_fraction")
+        if fraction and len(parts[name]) < cfg.min_eval_examples:
+            raise MixtuneError(f"{', '.join(where_of(s) for s in cfg.specialist)}: the {name} split holds "
+                               f"{len(parts[name])} examples ({fraction} of {len(specialist)}), fewer than "
+                               f"prepare.min_eval_examples={cfg.min_eval_examples}: too few to measure anything; "
+                               f"give more examples or raise prepare.{name}_fraction")
     target_tasks = {ex["task"] for ex in specialist}
 
     generalist: list[dict] = []
@@ -98,10 +167,12 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
         examples = read_source(src, root, cfg.seed)
         kept = [ex for ex in examples if ex["task"] not in target_tasks]  # the target is never in the pool
         short = [ex for ex in kept if len(prompt_text(ex)) + len(ex["completion"]) <= cfg.generalist_max_chars]
+        # The pool is ours, not the user's: an example over max_length is left out, and counted.
+        fits = [ex for ex, n in zip(short, chat_tokens(tokenizer, [with_answer(ex) for ex in short]))
+                if n <= max_length]
         stats["generalist"][src.name] = {"read": len(examples), "target_task_removed": len(examples) - len(kept),
-                                         "too_long_removed": len(kept) - len(short)}
-        kept = short
-        generalist += kept
+                                         "too_long_removed": len(kept) - len(fits)}
+        generalist += fits
     generalist, stats["generalist_duplicates_removed"] = dedupe(generalist, with_completion=True)
     generalist, stats["decontaminated"] = decontaminate(generalist, parts["dev"] + parts["test"],
                                                         cfg.decontaminate_ngram)
@@ -116,6 +187,7 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
     stats["generalist_tasks"] = len({ex["task"] for ex in generalist})
     stats["specialist_tasks"] = dict(sorted(Counter(ex["task"] for ex in specialist).items()))
 
+    card = data_card(cfg, stats, parts, tokenizer, model_cfg.base, max_length)
     # Everything is validated above; each output then appears whole or not at all.
     with atomic_dir(out / "specialist") as tmp:
         for name, part in parts.items():
@@ -124,4 +196,58 @@ def run(cfg: PrepareConfig, root: Path = Path("."), out: Path = Path("prepared")
     write_jsonl(out / "generalist.jsonl", generalist)
     write_jsonl(out / "generalist_probe.jsonl", probe)
     write_json(out / "stats.json", stats)
+    with atomic_file(out / "card.md") as f:
+        f.write(card)
     return stats
+
+
+def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tokenizer, base: str,
+              max_length: int, shown: int = 2) -> str:
+    """prepared/card.md: what training will see, per task: its first examples rendered through the chat template
+    exactly as the trainer tokenizes them, label counts per split, token lengths against max_length, and what
+    was cut, removed or is suspicious (labels the training split never has)."""
+    from mixtune.model import chat_tokens, with_answer
+
+    tasks = sorted({ex["task"] for part in parts.values() for ex in part})
+    lines = [f"# Data card: {', '.join(tasks)}", "",
+             (f"Written by `mixtune prepare` and `mixtune check` from params.yaml and the data. Lengths are tokens "
+              f"of `{base}` through its chat template (prompt and answer, as training tokenizes them) against "
+              f"train.max_length={max_length}."), ""]
+    for name, s in stats["specialist"].items():
+        lines.append(f"- source `{name}`: {s['read']} records read, {s['too_long']} over max_length, "
+                     f"{s['truncated']} inputs truncated (prepare.too_long: {cfg.too_long})")
+    lines += [f"- exact duplicate inputs removed (all tasks): {stats['specialist_duplicates_removed']}", ""]
+    for task in tasks:
+        split = {name: [ex for ex in part if ex["task"] == task] for name, part in parts.items()}
+        lines += [f"## Task `{task}`", ""]
+        every = [ex for part in split.values() for ex in part]
+        if every and every[0]["options"]:
+            labels = sorted({ex["completion"] for ex in every})
+            lines += ["| split | examples | " + " | ".join(labels) + " |", "|---|---:|" + "---:|" * len(labels)]
+            for name, part in split.items():
+                counts = Counter(ex["completion"] for ex in part)
+                lines.append(f"| {name} | {len(part)} | " + " | ".join(str(counts[lb]) for lb in labels) + " |")
+            unseen = sorted({ex["completion"] for n in ("dev", "test") for ex in split[n]}
+                            - {ex["completion"] for ex in split["train"]})
+            lines += ["", f"**Warning:** labels in dev/test that the train split never has: {', '.join(unseen)}"
+                      if unseen else "Every dev/test label is in the train split."]
+        else:
+            lines.append("Examples per split: " + ", ".join(f"{n} {len(p)}" for n, p in split.items()))
+        lengths = sorted(chat_tokens(tokenizer, [with_answer(ex) for ex in every]))
+        if lengths:
+            q = {p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99)}
+            lines += ["", (f"Tokens per example: median {q[50]}, p90 {q[90]}, p99 {q[99]}, max {lengths[-1]} "
+                           f"(train.max_length {max_length}: {sum(n > max_length for n in lengths)} over)")]
+        lines += ["", f"First {min(shown, len(split['train']))} training examples, as the trainer sees them:", ""]
+        for ex in split["train"][:shown]:
+            text = tokenizer.apply_chat_template(with_answer(ex), tokenize=False)
+            lines += ["```text", text.rstrip("\n"), "```", ""]
+    g = stats["generalist"]
+    lines += ["## Generalist pool", "",
+              *((f"- source `{n}`: {v['read']} read, {v['target_task_removed']} of the target task removed, "
+                 f"{v['too_long_removed']} over generalist_max_chars or max_length left out") for n, v in g.items()),
+              (f"- duplicates removed {stats['generalist_duplicates_removed']}, decontaminated (sharing a "
+               f"{cfg.decontaminate_ngram}-word span with a dev/test input) {stats['decontaminated']}"),
+              (f"- forgetting probe {stats['generalist_probe']} questions; pool {stats['generalist_pool']} examples "
+               f"of {stats['generalist_tasks']} tasks"), ""]
+    return "\n".join(lines)

@@ -187,6 +187,15 @@ def run(cfg: RegisterConfig, eval_cfg, model_cfg: ModelConfig, prepared: Path = 
             client.set_registered_model_alias(name, "candidate", v.version)
             if promote:
                 client.set_registered_model_alias(name, "champion", v.version)
+            # What the registry page shows beside each version and above them all.
+            client.update_model_version(name, v.version, description=(
+                f"test {metric} {tuned['value']:.3f} [{tuned['low']:.3f}, {tuned['high']:.3f}] on {len(examples)} "
+                f"examples, generalist share {measured['share']:.2f} ({details['share_source']}): {reason}"))
+            if not client.get_registered_model(name).description:
+                client.update_registered_model(name, description=(
+                    f"{' + '.join(tasks)}: {model_cfg.base} with a LoRA adapter tuned by mixtune. Takes the task's "
+                    "raw records (mixtune predict, mlflow models serve) and answers with the prediction and its "
+                    "option probabilities. `champion` is the version to serve; `candidate` the latest."))
         mlflow.set_tags({"mixtune.version": v.version, "mixtune.decision": version_tags["mixtune.decision"],
                          "mlflow.note.content": reason})
         result = {"name": name, "version": int(v.version), "created": True, "metric": metric,

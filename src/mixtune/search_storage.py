@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixtune.errors import MixtuneError, first_line
-from mixtune.tracking import repo_root, stage_run, tracking_uri
+from mixtune.tracking import repo_root, stage_run, tracking_uri, with_exp_name
 
 HEARTBEAT, GRACE = 10, 60  # seconds; GRACE covers a pause of the heartbeat thread under a long forward pass
 
@@ -192,7 +192,8 @@ def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict) 
             with contextlib.suppress(Exception):  # another tracking store than the one that made it
                 run = mlflow.get_run(run_id)
         if run is None:
-            with stage_run("search", tasks, params, tags, label=f"n={study.user_attrs['specialist_size']}") as run:
+            label = with_exp_name(f"n={study.user_attrs['specialist_size']}")
+            with stage_run("search", tasks, params, tags, label=label) as run:
                 pass
             study.set_user_attr("mlflow_run_id", run.info.run_id)
     finally:

@@ -37,9 +37,17 @@ class Requests:
     """Request rows -> examples (task, prompt, options) as prepare builds them; a bad row is a one-line error
     naming the row and the field."""
 
-    def __init__(self, recipe: dict) -> None:
+    def __init__(self, recipe: dict, tokenizer=None) -> None:
+        """`tokenizer`: the served model's, to cut inputs to the recipe's token budget as prepare did
+        (prepare.too_long: truncate_input); without it (checking a file before the model loads) nothing is cut."""
+        from mixtune.model import chat_tokens
+
+        def prompt_tokens(prompt: list[dict]) -> int:
+            return chat_tokens(tokenizer, [prompt], add_generation_prompt=True)[0]
+
         self.tasks = recipe["tasks"]
-        self.build = {task: sources.prompter(entry) for task, entry in self.tasks.items()}
+        self.build = {task: sources.prompter(entry, prompt_tokens if tokenizer else None)
+                      for task, entry in self.tasks.items()}
 
     def __call__(self, rows: list, where) -> list[dict]:
         examples = []
@@ -89,9 +97,9 @@ class TaskModel(mlflow.pyfunc.PythonModel):
         from mixtune.model import load_adapter, load_base, load_tokenizer
 
         self.recipe = json.loads(Path(context.artifacts["recipe"]).read_text())
-        self.requests = Requests(self.recipe)
         base = self.recipe["base"]
         self.tokenizer = load_tokenizer(base)
+        self.requests = Requests(self.recipe, self.tokenizer)
         self.model = load_adapter(load_base(base), Path(context.artifacts["adapter"])).eval()
         self.cfg = SimpleNamespace(**self.recipe["score"])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 import re
 import tarfile
@@ -149,15 +150,33 @@ def classification_prompt(instruction: str, text: str, labels: list[str]) -> str
     return f"{instruction}\n\n{text}\n\nAnswer with one of: {', '.join(labels)}."
 
 
-def _prompt(src, where: str, row: object, labels: list[str] | None, *, answered: bool) -> list[dict]:
+def _cut(text: str, words: int | None) -> str:
+    """The text up to its Nth word, keeping its own line breaks."""
+    if words is None:
+        return text
+    found = list(re.finditer(r"\S+", text))
+    return text[: found[words - 1].end()] if len(found) > words else text
+
+
+def _cut_last_user(msgs: list[dict], words: int | None) -> list[dict]:
+    if words is None:
+        return msgs
+    i = max((j for j, m in enumerate(msgs) if m["role"] == "user"), default=len(msgs) - 1)
+    return [*msgs[:i], {**msgs[i], "content": _cut(msgs[i]["content"], words)}, *msgs[i + 1 :]]
+
+
+def _prompt(src, where: str, row: object, labels: list[str] | None, *, answered: bool,
+            max_words: int | None = None) -> list[dict]:
     """A record's prompt messages, from its input fields only. prepare builds every training and test example
     with it (`answered`: the record carries its answer), and the registered model builds each request's prompt
-    with it (serve.py), so what is served is prompted exactly as it was trained and evaluated."""
+    with it (serve.py), so what is served is prompted exactly as it was trained and evaluated.
+    `max_words` cuts the input (Fit): the text to classify, an alpaca input (else its instruction), the prompt,
+    or the last user message; never the instruction around it or the answer."""
     fmt = src.format
     if fmt == "alpaca":
         instruction = _text(where, _field(where, row, src, "instruction"), src.columns.get("instruction", "instruction"))
         extra = _field(where, row, src, "input", required=False) or ""
-        user = f"{instruction}\n\n{extra}" if extra else instruction
+        user = f"{instruction}\n\n{_cut(extra, max_words)}" if extra else _cut(instruction, max_words)
         return _with_system(src, [{"role": "user", "content": user}])
     if fmt == "messages":
         col = _messages_column(src, row)
@@ -169,19 +188,41 @@ def _prompt(src, where: str, row: object, labels: list[str] | None, *, answered:
             msgs = msgs[:-1]
         elif msgs[-1]["role"] == "assistant":
             raise MixtuneError(f"{where}: field '{col}': must end with the message to answer, not an assistant's")
-        return _with_system(src, msgs)
+        return _with_system(src, _cut_last_user(msgs, max_words))
     if fmt == "prompt_completion":
         pcol = src.columns.get("prompt", "prompt")
         p = _field(where, row, src, "prompt")
-        return _with_system(src, _messages(where, p, pcol) if isinstance(p, list)
-                            else [{"role": "user", "content": _text(where, p, pcol)}])
+        return _with_system(src, _cut_last_user(_messages(where, p, pcol), max_words) if isinstance(p, list)
+                            else [{"role": "user", "content": _cut(_text(where, p, pcol), max_words)}])
     # classification: text (+ label)
     text = _text(where, _field(where, row, src, "text"), src.columns.get("text", "text"))
-    if src.max_input_words:  # cut after the Nth word, keeping the text's own line breaks
-        words = list(re.finditer(r"\S+", text))
-        if len(words) > src.max_input_words:
-            text = text[: words[src.max_input_words - 1].end()]
+    words = min(w for w in (src.max_input_words, max_words, math.inf) if w is not None)
+    text = _cut(text, None if words == math.inf else int(words))
     return _with_system(src, [{"role": "user", "content": classification_prompt(src.instruction, text, labels)}])
+
+
+class Fit:
+    """Prompts cut to fit `budget` tokens (prepare.too_long: truncate_input): a prompt over it keeps the most
+    words of its input that fit (a binary search over `_prompt`'s max_words), so its answer is never cut.
+    prepare fits every example; the registered model fits every request the same way (the budget is in the
+    recipe). `prompt_tokens(prompt)`: its length through the chat template, as training tokenizes it."""
+
+    def __init__(self, prompt_tokens, budget: int) -> None:
+        self.prompt_tokens, self.budget, self.cut = prompt_tokens, budget, 0
+
+    def __call__(self, build, where: str) -> list[dict]:
+        prompt = build(None)
+        if self.prompt_tokens(prompt) <= self.budget:
+            return prompt
+        lo, hi = 0, len(re.findall(r"\S+", "\n".join(m["content"] for m in prompt)))
+        while hi - lo > 1:  # build(lo) fits (or lo == 0), build(hi) does not
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.prompt_tokens(build(mid)) <= self.budget else (lo, mid)
+        if lo == 0:
+            raise MixtuneError(f"{where}: even one word of the input leaves no room in {self.budget} prompt tokens "
+                               "(train.max_length less the answer): raise train.max_length")
+        self.cut += 1
+        return build(lo)
 
 
 def _messages_column(src, row: object) -> str:
@@ -210,7 +251,7 @@ def _normalize(src, where: str, row: object, labels: list[str] | None) -> tuple[
     return prompt, _text(where, _messages(where, c, ccol)[-1]["content"] if isinstance(c, list) else c, ccol), None
 
 
-def _record_examples(src: FileSource | HFSource, root: Path, recipes: dict | None) -> Iterator[dict]:
+def _record_examples(src: FileSource | HFSource, root: Path, recipes: dict | None, fit: Fit | None) -> Iterator[dict]:
     rows = list(_file_records(src, root) if src.kind == "file" else _hf_records(src, root))
     labels = None
     if src.format == "classification":
@@ -223,6 +264,9 @@ def _record_examples(src: FileSource | HFSource, root: Path, recipes: dict | Non
                                                                  if c in first}})
     for n, (where, row) in enumerate(rows):
         prompt, completion, options = _normalize(src, where, row, labels)
+        if fit is not None:
+            prompt = fit(lambda words, where=where, row=row: _prompt(src, where, row, labels, answered=True,
+                                                                      max_words=words), where)
         yield make_example(id=f"{src.name}/{n}", source=src.name, task=src.task_name, keywords=src.keywords,
                            capability=src.capability, prompt=prompt, completion=completion, options=options)
 
@@ -322,16 +366,21 @@ def _cap(examples: list, k: int, seed: int, task: str) -> list[tuple[int, dict]]
     return [(i, examples[i]) for i in idx]
 
 
+def where_of(src) -> str:
+    """How errors name a source's data: its file, or its hub dataset and split."""
+    return getattr(src, "path", None) or f"hf:{getattr(src, 'dataset', '')}[{getattr(src, 'split', '')}]"
+
+
 # --- entry point ----------------------------------------------------------------------------------------------
 
 
-def read_source(src, root: Path, seed: int = 0, recipes: dict | None = None) -> list[dict]:
-    """The source's examples. `recipes`, if given, gets each of its tasks' recipe (see `prompter`)."""
+def read_source(src, root: Path, seed: int = 0, recipes: dict | None = None, fit: Fit | None = None) -> list[dict]:
+    """The source's examples. `recipes`, if given, gets each of its tasks' recipe (see `prompter`); `fit` cuts
+    the prompts of a file or hub source that are over its budget."""
     examples = list(_bigbench_examples(src, root, seed, recipes) if src.kind == "bigbench"
-                    else _record_examples(src, root, recipes))
+                    else _record_examples(src, root, recipes, fit))
     if not examples:
-        where = getattr(src, "path", None) or f"hf:{getattr(src, 'dataset', '')}"
-        raise MixtuneError(f"{where}: source '{src.name}': no examples")
+        raise MixtuneError(f"{where_of(src)}: source '{src.name}': no examples")
     return examples
 
 
@@ -355,8 +404,10 @@ def request_fields(entry: dict) -> list[tuple[str, str, bool]]:
             "classification": [(col("text", "text"), "string", True)]}[src["format"]]
 
 
-def prompter(entry: dict):
-    """A request row (a dict of the source's input columns) and where it is -> (prompt messages, options)."""
+def prompter(entry: dict, prompt_tokens=None):
+    """A request row (a dict of the source's input columns) and where it is -> (prompt messages, options).
+    `prompt_tokens` (the served model's tokenizer through the chat template) cuts the input as prepare did
+    when the recipe has a token budget (prepare.too_long: truncate_input); without it, prompts are not cut."""
     if entry["kind"] == "bigbench":
         def build(row: dict, where: str) -> tuple[list[dict], list[str] | None]:
             text = row.get("input")
@@ -377,6 +428,10 @@ def prompter(entry: dict):
 
     src, labels = TypeAdapter(Source).validate_python(entry["source"]), entry["labels"]
 
+    fit = Fit(prompt_tokens, entry["prompt_budget"]) if prompt_tokens and entry.get("prompt_budget") else None
+
     def build(row: dict, where: str) -> tuple[list[dict], list[str] | None]:
-        return _prompt(src, where, row, labels, answered=False), labels
+        if fit is None:
+            return _prompt(src, where, row, labels, answered=False), labels
+        return fit(lambda words: _prompt(src, where, row, labels, answered=False, max_words=words), where), labels
     return build

@@ -34,7 +34,7 @@ FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "jso
 
 
 # The keys of study/params.yaml's `study` section each stage reads (study/dvc.yaml declares the same).
-PREPARE_KEYS = ("prepare", "targets")
+PREPARE_KEYS = ("prepare", "targets", "model", "train")  # examples are measured in the model's tokens
 RUN_KEYS = ("preset", "model", "train", "evaluate", "targets", "sizes", "shares", "fixed_share", "seeds",
             "dev_examples", "test_examples", "corrupt_generalist", "corrupt_targets")
 
@@ -76,7 +76,7 @@ def prepare_target(cfg: StudyConfig, name: str, root: Path = Path("."), out: Pat
                     if s.kind == "bigbench" else s for s in cfg.prepare.generalist
                     if s.kind == "bigbench" or not (s.task_name in held or skills(s.keywords) & dropped)]
     pcfg = cfg.prepare.model_copy(update={"specialist": [target.source], "generalist": pool_sources})
-    stats = prepare.run(pcfg, root, out)
+    stats = prepare.run(pcfg, cfg.model, cfg.train.max_length, root, out)
     train = read_jsonl(out / "specialist" / "train.jsonl")
     keywords = skills({k for ex in train for k in ex["keywords"] or []} | set(target.source.keywords))
     cov = coverage(keywords, read_jsonl(out / "generalist.jsonl"))

@@ -21,6 +21,9 @@ _EXPS = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 # runs, registered versions) and of eval/predictions.jsonl (evaluate runs).
 ADAPTER_TAG = "mixtune.adapter_sha256"
 PREDICTIONS_TAG = "mixtune.predictions_sha256"
+# MLflow 3 opens an experiment with no runs of a known kind on its GenAI overview (traces: all empty); marked
+# as model development, it opens on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def repo_root(cwd: Path | None = None) -> Path:
@@ -68,7 +71,10 @@ def mix_label(manifest: dict) -> str:
     """What tells one run of a stage from another in the UI: the share (from the search, or set by hand), the
     specialist size, and the DVC experiment's name when `dvc exp run` runs it (DVC sets DVC_EXP_NAME)."""
     how = "auto" if manifest.get("share_source") == "auto" else "set"
-    label = f"r={manifest['generalist_share']:.2f} {how}, n={manifest['specialist_size']}"
+    return with_exp_name(f"r={manifest['generalist_share']:.2f} {how}, n={manifest['specialist_size']}")
+
+
+def with_exp_name(label: str) -> str:
     exp = os.environ.get("DVC_EXP_NAME")
     return f"{label} [{exp}]" if exp else label
 
@@ -138,7 +144,7 @@ def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict 
                 artifacts = None
                 if uri.startswith("sqlite:///"):
                     artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-                exp_id = mlflow.create_experiment(name, artifact_location=artifacts)
+                exp_id = mlflow.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
             else:
                 exp_id = exp.experiment_id
             # System metrics (CPU, memory, disk) every 10 s, in a thread of MLflow's, beside the stage's own.

@@ -285,7 +285,11 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
             mlflow.log_dict(manifest, "mix_manifest.json")
             mlflow.log_artifact(str(out / "loss.csv"))
             mlflow.log_artifacts(str(out / "adapter"), "adapter")
-            mlflow.set_tag(ADAPTER_TAG, sha256_file(adapter_file(out / "adapter")))
+            mlflow.set_tags({ADAPTER_TAG: sha256_file(adapter_file(out / "adapter")), "mlflow.note.content": (
+                f"{len(examples)} examples ({manifest['specialist_size']} of the task, generalist share "
+                f"{manifest['generalist_share']:.2f}), {metrics['steps']} steps: loss {train_loss:.3f} on average"
+                + (f", {metrics['final_loss']:.3f} at the end" if metrics["final_loss"] is not None else "")
+                + f"; {tps:.0f} tokens/s")})
         metrics["stage_seconds"] = time.perf_counter() - t0
         metrics["mlflow_seconds"] = timer.seconds
         metrics["mlflow_share"] = timer.seconds / metrics["stage_seconds"]

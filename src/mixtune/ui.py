@@ -2,17 +2,16 @@
 every task's runs table, its latest search run (the share-vs-score charts are among its artifacts), and the
 registered model with its aliases.
 
-MLflow 3 opens an experiment without runs of a known kind on its GenAI overview (traces, all empty); each
-mixtune experiment is marked as one of model development, so the UI opens it on its runs.
+Experiments made by an older mixtune lack the mark that makes MLflow 3 open them on their runs
+(tracking.EXPERIMENT_KIND); they get it here.
 """
 
 from __future__ import annotations
 
 import sys
 
+from mixtune.tracking import EXPERIMENT_KIND as KIND
 from mixtune.tracking import tracking_uri
-
-KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def links(base: str) -> list[str]:
