@@ -92,7 +92,7 @@ def write_params(path: Path, **sections) -> Path:
 
 def spec_source(path: str = "spec.jsonl", labels=("a", "b", "c"), **extra) -> dict:
     return {"name": "spec", "kind": "file", "path": path, "format": "classification",
-            "labels": list(labels), "instruction": "Which class?", **extra}
+            "labels": None if labels is None else list(labels), "instruction": "Which class?", **extra}
 
 
 def prepared_dir(root: Path, n_specialist: int, n_generalist: int, *, spec_tasks=("topic",),

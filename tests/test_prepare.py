@@ -19,9 +19,10 @@ OUTPUTS = ("specialist/train.jsonl", "specialist/dev.jsonl", "specialist/test.js
            "stats.json")
 
 
-def run(root: Path, out: str = "prepared", *, generalist: list | None = None, **cfg) -> dict:
+def run(root: Path, out: str = "prepared", *, generalist: list | None = None, specialist: list | None = None,
+        **cfg) -> dict:
     # Splits of a few examples are fine for counting: min_eval_examples has its own test.
-    config = section("prepare", **{"specialist": [spec_source()], "generalist": generalist or [],
+    config = section("prepare", **{"specialist": specialist or [spec_source()], "generalist": generalist or [],
                                    "min_eval_examples": 0, **cfg})
     return prepare_run(config, root, root / out)
 
@@ -263,3 +264,85 @@ def test_mixtune_check_shows_what_training_sees(tmp_path, cli, tiny_model):
     trainer = train.build_trainer(train_config(), str(tiny_model), first, tmp_path / "out", "fp32", tokenizer)
     rendered = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
     assert f"```text\n{rendered.rstrip()}\n```" in card
+
+
+# --- the data's own splits ------------------------------------------------------------------------------------
+
+
+def three_files(root: Path) -> dict[str, list[dict]]:
+    """A dataset that comes split: train, dev and test files; one test record repeats a train record, and one
+    test label ("d") is in no training record. No label set is given: it comes from all three files."""
+    data = {"train": classification_records({"a": 30, "b": 30}, seed=1),
+            "dev": classification_records({"a": 11, "b": 11}, seed=2),
+            "test": classification_records({"a": 10, "b": 10, "d": 1}, seed=3)}
+    data["test"][4] = dict(data["train"][7])
+    for name, rows in data.items():
+        write_jsonl(root / f"{name}.jsonl", rows)
+    return data
+
+
+def test_given_dev_and_test_files_are_kept_as_they_are(tmp_path):
+    data = three_files(tmp_path)
+    source = spec_source("train.jsonl", labels=None, splits={"dev": "dev.jsonl", "test": "test.jsonl"})
+    stats = run(tmp_path, specialist=[source], min_eval_examples=20)
+    parts = splits(tmp_path / "prepared")
+    # dev and test: every record, in the file's order (no re-split, no shuffle, no deduplication)
+    for name in ("dev", "test"):
+        assert [ex["completion"] for ex in parts[name]] == [r["label"] for r in data[name]]
+        assert [ex["prompt"][-1]["content"].split("\n\n")[1] for ex in parts[name]] == [r["text"] for r in data[name]]
+        assert [ex["id"] for ex in parts[name]] == [f"spec:{name}/{i}" for i in range(len(data[name]))]
+    # train: the train file, less the record the test split repeats (it would leak the test into training)
+    assert len(parts["train"]) == 59 and stats["specialist_duplicates_removed"] == 1
+    assert data["train"][7]["text"] not in {ex["prompt"][-1]["content"].split("\n\n")[1] for ex in parts["train"]}
+    assert stats["splits"] == {"train": 59, "dev": 22, "test": 21}
+    assert stats["specialist"]["spec"] == {"read": 103, "too_long": 0, "truncated": 0,
+                                           "given_splits": {"dev": 22, "test": 21}}
+    # one label set for the whole source, so every prompt offers the same options
+    assert {tuple(ex["options"]) for part in parts.values() for ex in part} == {("a", "b", "d")}
+    card = (tmp_path / "prepared" / "card.md").read_text()
+    assert "**Warning:** labels in dev/test that the train split never has: d" in card
+    # and byte for byte the same on a second run
+    run(tmp_path, "again", specialist=[source], min_eval_examples=20)
+    for name in ("train", "dev", "test"):
+        f = f"specialist/{name}.jsonl"
+        assert (tmp_path / "prepared" / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
+
+
+def test_a_given_test_split_only_dev_comes_from_train(tmp_path):
+    data = three_files(tmp_path)
+    source = spec_source("train.jsonl", labels=["a", "b", "d"], splits={"test": "test.jsonl"})
+    stats = run(tmp_path, specialist=[source], dev_fraction=0.2, test_fraction=0.1)
+    assert stats["splits"] == {"train": 47, "dev": 12, "test": 21}  # 59 deduplicated: round(20%) of 29 and 30
+    assert [ex["completion"] for ex in splits(tmp_path / "prepared")["test"]] == [r["label"] for r in data["test"]]
+
+
+def test_a_split_column_places_each_record(tmp_path, cli):
+    rows = [{**r, "part": part} for part, r in
+            zip(["train"] * 30 + ["validation"] * 5 + ["test"] * 5, classification_records({"a": 20, "b": 20}))]
+    (tmp_path / "spec.csv").write_text("text,label,part\n" + "".join(f"{r['text']},{r['label']},{r['part']}\n"
+                                                                     for r in rows))
+    run(tmp_path, specialist=[spec_source("spec.csv", split_column="part")])
+    parts = splits(tmp_path / "prepared")
+    for name, want in (("dev", "validation"), ("test", "test")):  # in the file's order
+        assert [ex["id"] for ex in parts[name]] == [f"spec/{i}" for i, r in enumerate(rows) if r["part"] == want]
+    assert sorted(int(ex["id"].split("/")[1]) for ex in parts["train"]) == list(range(30))  # all, none re-split
+    rows[3]["part"] = "holdout"
+    (tmp_path / "spec.csv").write_text("text,label,part\n" + "".join(f"{r['text']},{r['label']},{r['part']}\n"
+                                                                     for r in rows))
+    from mixtune.errors import MixtuneError
+
+    with pytest.raises(MixtuneError, match=r"^spec.csv:5: field 'part': 'holdout' is not a split"):
+        run(tmp_path, specialist=[spec_source("spec.csv", split_column="part")])
+
+
+def test_a_hub_dataset_keeps_its_validation_and_test_splits(tmp_path):
+    """An hf source (here the `json` builder over local files, as a hub dataset with three splits loads)."""
+    data = three_files(tmp_path)
+    source = {"name": "spec", "kind": "hf", "dataset": "json", "format": "classification",
+              "data_files": {"train": "train.jsonl", "validation": "dev.jsonl", "test": "test.jsonl"},
+              "split": "train", "splits": {"dev": "validation", "test": "test"}, "instruction": "Which class?"}
+    stats = run(tmp_path, specialist=[source])
+    parts = splits(tmp_path / "prepared")
+    assert stats["splits"] == {"train": 59, "dev": 22, "test": 21}
+    assert [ex["completion"] for ex in parts["test"]] == [r["label"] for r in data["test"]]
+    assert [ex["completion"] for ex in parts["dev"]] == [r["label"] for r in data["dev"]]

@@ -142,7 +142,7 @@ def _study_params(tiny_model: Path, **over) -> dict:
         "train": {"lora": {"r": 4, "alpha": 8}, "max_steps": 2, "batch_size": 4, "precision": "fp32",
                   "max_length": 256, "learning_rate": 1e-3, "group_by_length": False},
         "evaluate": {"batch_size": 8, "bootstrap": 100},
-        "prepare": {"dev_fraction": 0.2, "test_fraction": 0.2, "generalist": [
+        "prepare": {"dev_fraction": 0.2, "test_fraction": 0.2, "min_eval_examples": 0, "generalist": [
             {"name": "related", "kind": "file", "path": "related.jsonl", "format": "alpaca",
              "keywords": ["logical reasoning", "multiple choice"]},
             {"name": "other", "kind": "file", "path": "other.jsonl", "format": "alpaca", "keywords": ["translation"]}]},

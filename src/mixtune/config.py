@@ -45,6 +45,11 @@ class _RecordSource(_SourceBase):
     labels: list[str] | None = None
     max_input_words: int | None = Field(default=None, gt=0)
     system: str | None = None
+    # The data's own splits, kept as they are (prepare splits only what has none). `splits`: the other parts of
+    # the source, each a file (file source) or a hub split such as `validation` (hf source), beside `path` or
+    # `split`; `split_column`: a column holding each record's split (train; dev or validation; test).
+    splits: dict[Literal["dev", "test"], str] = {}
+    split_column: str | None = None
 
 
 class FileSource(_RecordSource):
@@ -58,7 +63,7 @@ class HFSource(_RecordSource):
     dataset: str  # a hub id, or a builder name such as "json"/"parquet" with data_files
     config: str | None = None
     split: str = "train"
-    data_files: str | list[str] | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None  # a dict: files per hub split
     revision: str | None = None
     where: dict[str, str] = {}  # keep only the rows whose columns equal these values
 

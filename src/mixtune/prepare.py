@@ -21,7 +21,8 @@ from mixtune.config import ModelConfig, PrepareConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, write_json, write_jsonl
 from mixtune.schema import prompt_text
-from mixtune.sources import Fit, read_source, where_of
+from mixtune.sources import GIVEN, Fit, read_source, where_of
+from mixtune.sources import parts as parts_of
 
 _WORD = re.compile(r"\w+")
 TRAIN_KEYS = ("max_length",)  # of the train section: examples are measured against it
@@ -32,15 +33,40 @@ def _key(example: dict, with_completion: bool) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def dedupe(examples: list[dict], *, with_completion: bool) -> tuple[list[dict], int]:
-    """Drop exact duplicates, keeping the first. Specialist: same input (else a test input leaks into train)."""
+def dedupe(examples: list[dict], *, with_completion: bool, keep: int = 0) -> tuple[list[dict], int]:
+    """Drop exact duplicates, keeping the first; the first `keep` examples are kept whatever they hold (a given
+    dev/test split, as the data has it). Specialist: same input (else a test input leaks into train)."""
     seen, kept = set(), []
-    for ex in examples:
+    for i, ex in enumerate(examples):
         k = _key(ex, with_completion)
-        if k not in seen:
+        if k not in seen or i < keep:
             seen.add(k)
             kept.append(ex)
     return kept, len(examples) - len(kept)
+
+
+def place(examples: list[dict], dev_fraction: float, test_fraction: float, seed: int) -> tuple[dict, int]:
+    """The specialist examples into train/dev/test: a dev or test split the data gives is kept as it is, in
+    its order; the rest is deduplicated (against the given splits too) and split (`split`), except for the
+    splits its task is given. -> (the splits, duplicates removed)."""
+    given = [ex for ex in examples if ex.get(GIVEN) in ("dev", "test")]
+    rest = [ex for ex in examples if ex.get(GIVEN) not in ("dev", "test")]
+    kept, removed = dedupe(given + rest, with_completion=False, keep=len(given))
+    has = {(ex["task"], ex[GIVEN]) for ex in given}
+    groups: dict[tuple[float, float], list[dict]] = defaultdict(list)
+    for ex in kept[len(given):]:
+        groups[(0.0 if (ex["task"], "dev") in has else dev_fraction,
+                0.0 if (ex["task"], "test") in has else test_fraction)].append(ex)
+    out = {"train": [], "dev": [ex for ex in given if ex[GIVEN] == "dev"],
+           "test": [ex for ex in given if ex[GIVEN] == "test"]}
+    for (dev, test), group in sorted(groups.items()):
+        for name, part in split(group, dev, test, seed).items():
+            out[name] += part
+    return {name: [{k: v for k, v in ex.items() if k != GIVEN} for ex in part] for name, part in out.items()}, removed
+
+
+def given_any(stats: dict, name: str) -> bool:
+    return any(name in s.get("given_splits", {}) for s in stats["specialist"].values())
 
 
 def ngrams(text: str, n: int) -> set[int]:
@@ -87,15 +113,18 @@ def _record(example: dict) -> int:
     return int(example["id"].rsplit("/", 1)[1]) + 1  # "<source>/<n>": the source's record n + 1
 
 
-def _check_source(src, cfg: PrepareConfig, examples: list[dict]) -> None:
-    """A record too large to take in whole, and a classification source with fewer than two labels in its
-    data: one line each, naming the file and the record."""
+def _check_sizes(src, cfg: PrepareConfig, examples: list[dict]) -> None:
+    """A record too large to take in whole: one line naming the file and the record."""
     for ex in examples:
         size = len(prompt_text(ex)) + len(ex["completion"])
         if size > cfg.max_record_chars:
             raise MixtuneError(f"{where_of(src)}: record {_record(ex)}: {size} characters, over "
                                f"prepare.max_record_chars={cfg.max_record_chars}: shorten or leave out the record, "
                                "or raise the limit")
+
+
+def _check_labels(src, examples: list[dict]) -> None:
+    """A classification source (all its splits) with fewer than two labels in its data."""
     if getattr(src, "format", None) == "classification":
         labels = Counter(ex["completion"] for ex in examples)
         if len(labels) < 2:
@@ -142,22 +171,31 @@ def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path 
     specialist: list[dict] = []
     recipes: dict[str, dict] = {}  # task -> how its prompt is built: the registered model's input (sources.prompter)
     for src in cfg.specialist:
-        examples = read_source(src, root, cfg.seed, recipes)
-        _check_source(src, cfg, examples)
-        lengths = chat_tokens(tokenizer, [with_answer(ex) for ex in examples])
-        over = [i for i, n in enumerate(lengths) if n > max_length]
-        stats["specialist"][src.name] = {"read": len(examples), "too_long": len(over), "truncated": 0}
-        if over:
-            examples, cut = _fit(src, cfg, root, examples, lengths, over, tokenizer, max_length, recipes)
-            stats["specialist"][src.name]["truncated"] = cut
-        specialist += examples
-    specialist, stats["specialist_duplicates_removed"] = dedupe(specialist, with_completion=False)
-    parts = split(specialist, cfg.dev_fraction, cfg.test_fraction, cfg.seed)
+        s = stats["specialist"][src.name] = {"read": 0, "too_long": 0, "truncated": 0}
+        for given, part in parts_of(src, root):
+            examples = read_source(part, root, cfg.seed, recipes)
+            _check_sizes(part, cfg, examples)
+            lengths = chat_tokens(tokenizer, [with_answer(ex) for ex in examples])
+            over = [i for i, n in enumerate(lengths) if n > max_length]
+            s["read"] += len(examples)
+            s["too_long"] += len(over)
+            if over:
+                examples, cut = _fit(part, cfg, root, examples, lengths, over, tokenizer, max_length, recipes)
+                s["truncated"] += cut
+            specialist += [{**ex, GIVEN: given} for ex in examples] if given else examples
+        of_source = [ex for ex in specialist if ex["source"].split(":")[0] == src.name]
+        _check_labels(src, of_source)
+        given_counts = Counter(ex[GIVEN] for ex in of_source if ex.get(GIVEN))
+        if given_counts:
+            s["given_splits"] = dict(sorted(given_counts.items()))
+    parts, stats["specialist_duplicates_removed"] = place(specialist, cfg.dev_fraction, cfg.test_fraction, cfg.seed)
+    specialist = [ex for part in parts.values() for ex in part]
     for name in ("dev", "test"):
         fraction = getattr(cfg, f"{name}_fraction")
-        if fraction and len(parts[name]) < cfg.min_eval_examples:
+        if (fraction or given_any(stats, name)) and len(parts[name]) < cfg.min_eval_examples:
+            whence = "given by the data" if given_any(stats, name) else f"{fraction} of {len(specialist)}"
             raise MixtuneError(f"{', '.join(where_of(s) for s in cfg.specialist)}: the {name} split holds "
-                               f"{len(parts[name])} examples ({fraction} of {len(specialist)}), fewer than "
+                               f"{len(parts[name])} examples ({whence}), fewer than "
                                f"prepare.min_eval_examples={cfg.min_eval_examples}: too few to measure anything; "
                                f"give more examples or raise prepare.{name}_fraction")
     target_tasks = {ex["task"] for ex in specialist}

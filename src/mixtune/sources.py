@@ -91,8 +91,12 @@ def _hf_records(src: HFSource, root: Path) -> Iterator[tuple[str, object]]:
     import datasets
 
     data_files = src.data_files
+    def local(files: str | list[str]) -> str | list[str]:
+        return _local(root, files) if isinstance(files, str) else [_local(root, f) for f in files]
+
     if data_files is not None:
-        data_files = _local(root, data_files) if isinstance(data_files, str) else [_local(root, f) for f in data_files]
+        data_files = ({k: local(v) for k, v in data_files.items()} if isinstance(data_files, dict)
+                      else local(data_files))
     try:
         ds = datasets.load_dataset(src.dataset, src.config, split=src.split,
                                    data_files=data_files, revision=src.revision)
@@ -251,8 +255,12 @@ def _normalize(src, where: str, row: object, labels: list[str] | None) -> tuple[
     return prompt, _text(where, _messages(where, c, ccol)[-1]["content"] if isinstance(c, list) else c, ccol), None
 
 
+def _rows(src: FileSource | HFSource, root: Path) -> list[tuple[str, object]]:
+    return list(_file_records(src, root) if src.kind == "file" else _hf_records(src, root))
+
+
 def _record_examples(src: FileSource | HFSource, root: Path, recipes: dict | None, fit: Fit | None) -> Iterator[dict]:
-    rows = list(_file_records(src, root) if src.kind == "file" else _hf_records(src, root))
+    rows = _rows(src, root)
     labels = None
     if src.format == "classification":
         lcol = src.columns.get("label", "label")
@@ -263,12 +271,48 @@ def _record_examples(src: FileSource | HFSource, root: Path, recipes: dict | Non
         recipes.setdefault(src.task_name, {**entry, "example": {c: first[c] for c, _, _ in request_fields(entry)
                                                                  if c in first}})
     for n, (where, row) in enumerate(rows):
+        given = _given_split(src, where, row)
         prompt, completion, options = _normalize(src, where, row, labels)
         if fit is not None:
             prompt = fit(lambda words, where=where, row=row: _prompt(src, where, row, labels, answered=True,
                                                                       max_words=words), where)
-        yield make_example(id=f"{src.name}/{n}", source=src.name, task=src.task_name, keywords=src.keywords,
-                           capability=src.capability, prompt=prompt, completion=completion, options=options)
+        ex = make_example(id=f"{src.name}/{n}", source=src.name, task=src.task_name, keywords=src.keywords,
+                          capability=src.capability, prompt=prompt, completion=completion, options=options)
+        yield {**ex, GIVEN: given} if given else ex
+
+
+GIVEN = "given_split"  # an example's split as the data gives it; prepare places the example and drops the key
+SPLIT_NAMES = {"train": "train", "dev": "dev", "validation": "dev", "valid": "dev", "val": "dev", "test": "test"}
+
+
+def _given_split(src, where: str, row: object) -> str | None:
+    if getattr(src, "split_column", None) is None:
+        return None
+    value = _field(where, row, src.model_copy(update={"columns": {"split": src.split_column}}), "split")
+    if str(value).strip().lower() not in SPLIT_NAMES:
+        raise MixtuneError(f"{where}: field '{src.split_column}': {value!r} is not a split "
+                           "(train, dev, validation or test)")
+    return SPLIT_NAMES[str(value).strip().lower()]
+
+
+def parts(src, root: Path) -> list[tuple[str | None, object]]:
+    """A source with its own split files or hub splits (`splits`) -> (given split, source) per part: the main
+    one (`path` or `split`: no given split, unless `split_column` says) and one per given split, its records
+    named `<source>:<split>/<n>`. Every part shares the label set of the whole source, so a prompt lists the
+    same labels in every split."""
+    if src.kind == "bigbench" or not src.splits:
+        return [(None, src)]
+    out = [(None, src.model_copy(update={"splits": {}}))]
+    for name, value in src.splits.items():
+        where = {"path": value} if src.kind == "file" else {"split": value}
+        out.append((name, src.model_copy(update={**where, "name": f"{src.name}:{name}", "task": src.task_name,
+                                                 "splits": {}, "split_column": None})))
+    if src.format == "classification" and not src.labels:
+        lcol = src.columns.get("label", "label")
+        labels = sorted({str(r.get(lcol)).strip() for _, part in out for _, r in _rows(part, root)
+                         if isinstance(r, dict) and r.get(lcol) is not None})
+        out = [(name, part.model_copy(update={"labels": labels})) for name, part in out]
+    return out
 
 
 # --- BIG-bench ------------------------------------------------------------------------------------------------
