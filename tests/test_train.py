@@ -427,3 +427,37 @@ def test_a_saved_adapter_is_the_same_bytes_in_any_clone_and_process(tmp_path, ti
         files.append({p.name: p.read_bytes() for p in sorted((root / "adapter").iterdir())})
     assert files[0] == files[1] and "adapter_model.safetensors" in files[0]
     assert json.loads(files[0]["adapter_config.json"])["base_model_name_or_path"] == "models/tiny"
+
+
+def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path, monkeypatch, tiny_model):
+    """Trained in bf16, the model's forward runs under accelerate's autocast wrapper; `train.scoring` goes
+    around it, so a search trial's or a study cell's scores are those evaluate gives the saved adapter (fp32),
+    and training keeps the wrapper."""
+    from mixtune import score
+    from mixtune.files import read_jsonl
+    from mixtune.model import load_adapter, load_base, load_tokenizer
+
+    from conftest import section
+
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    examples = read_jsonl(tmp_path / "mix" / "train.jsonl")
+    scored = [ex for ex in examples if ex["options"]][:6]
+    assert len(scored) == 6
+    tokenizer = load_tokenizer(str(tiny_model))
+    trainer = train.tuner(train_config(max_steps=4), str(tiny_model), examples, tmp_path / "out", "bf16", tokenizer)
+    trainer.train()
+    cfg = section("evaluate", batch_size=4)
+    wrapped = trainer.model.forward
+    through_wrapper = score.answer(trainer.model, tokenizer, scored, cfg)[1]
+    with train.scoring(trainer.model) as model:
+        around = score.answer(model, tokenizer, scored, cfg)[1]
+    assert trainer.model.forward == wrapped  # training goes on under autocast
+    train.save_adapter(trainer.model, tokenizer, tmp_path / "adapter")
+    saved = load_adapter(load_base(str(tiny_model)), tmp_path / "adapter").eval()
+    as_evaluated = score.answer(saved, tokenizer, scored, cfg)[1]
+    for a, e in zip(around, as_evaluated):
+        assert a == pytest.approx(e, abs=1e-5)
+    # what the search scored before: bf16's log-likelihoods
+    assert max(abs(x - y) for w, e in zip(through_wrapper, as_evaluated) for x, y in zip(w, e)) > 1e-4

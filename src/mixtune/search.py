@@ -112,10 +112,11 @@ class _Trials:
             trial.set_user_attr("trained_tokens", tokens)
             mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
         model = trainer.model
-        preds = self.predict(model, self.dev)
+        with train.scoring(model):
+            preds = self.predict(model, self.dev)
+            probe = _correct(self.probe, self.predict(model, self.probe)) if self.probe else ""
         cmp = score.compare(self.scorer, {"trial": preds}, self.eval_cfg.bootstrap, self.cfg.seed)["trial"]
         value, per_task = cmp["value"], cmp["per_task"]
-        probe = _correct(self.probe, self.predict(model, self.probe)) if self.probe else ""
         _set_attrs(trial, {"dev_metric": value, "dev_low": cmp["low"], "dev_high": cmp["high"],
                            "dev_per_task": per_task, "dev_predictions": preds, "probe": probe})
         metrics = {f"dev.{self.metric}": value, f"dev.{self.metric}_low": cmp["low"],
@@ -140,6 +141,8 @@ class _Trials:
         import optuna
         from transformers import TrainerCallback
 
+        from mixtune import train
+
         subset = self.dev[: self.cfg.dev_examples]
         scorer, every, metric, predict = score.Scorer(subset, self.metric), self.cfg.eval_every, self.metric, \
             self.predict
@@ -149,7 +152,8 @@ class _Trials:
             def on_step_end(self, args, state, control, model=None, **kw):
                 if state.global_step % every or state.global_step >= state.max_steps:  # the end scores all of dev
                     return
-                value = scorer.value(scorer.encode(predict(model, subset)))[0]
+                with train.scoring(model):
+                    value = scorer.value(scorer.encode(predict(model, subset)))[0]
                 trial.report(value, state.global_step)
                 mlflow.log_metric(f"dev_subset.{metric}", value, step=state.global_step)
                 if prunable and trial.should_prune():

@@ -182,7 +182,9 @@ class _Runner:
             except MixtuneError as e:
                 raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: {e}") from None
             tokens = train.trained_tokens(trainer)
-            return {**self.score(trainer.model), "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
+            with train.scoring(trainer.model) as model:
+                scores = self.score(model)
+            return {**scores, "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
                     "generalist_size": manifest["generalist_size"], "corrupted": manifest["corrupted"],
                     "train_loss": trainer.state.log_history[-1].get("train_loss")}
 

@@ -10,6 +10,7 @@ so they live outside them, and a re-run after an interruption resumes from the l
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -202,6 +203,23 @@ def tuner(cfg: TrainConfig, base: str, examples: list[dict], workdir: Path, prec
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer
+
+
+@contextlib.contextmanager
+def scoring(model):
+    """The model being (or done being) trained, for the time it is scored, as evaluate and the served model
+    score it: with bf16 or fp16, accelerate wraps the model's forward in autocast (kept as `_original_forward`);
+    through that wrapper a search trial's dev answers and probe were bf16's (on the default, 4 of 50 probe
+    answers differed from the saved adapter's, scored in fp32 by evaluate). Training resumes with the wrapper."""
+    original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
+    if original is None:
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
 
 
 def trained_tokens(trainer) -> int:
