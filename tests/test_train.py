@@ -433,13 +433,15 @@ def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path
     """Trained in bf16, the model's forward runs under accelerate's autocast wrapper; `train.scoring` goes
     around it, so a search trial's or a study cell's scores are those evaluate gives the saved adapter (fp32),
     and training keeps the wrapper."""
+    import mlflow
+
     from mixtune import score
     from mixtune.files import read_jsonl
     from mixtune.model import load_adapter, load_base, load_tokenizer
 
     from conftest import section
 
-    monkeypatch.chdir(tmp_path)
+    use_store(monkeypatch, tmp_path)
     write_prepared(tmp_path)
     make_mix(tmp_path)
     examples = read_jsonl(tmp_path / "mix" / "train.jsonl")
@@ -447,7 +449,8 @@ def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path
     assert len(scored) == 6
     tokenizer = load_tokenizer(str(tiny_model))
     trainer = train.tuner(train_config(max_steps=4), str(tiny_model), examples, tmp_path / "out", "bf16", tokenizer)
-    trainer.train()
+    with mlflow.start_run():  # the tuner logs its per-step loss into the active run, as a search trial's
+        trainer.train()
     cfg = section("evaluate", batch_size=4)
     wrapped = trainer.model.forward
     through_wrapper = score.answer(trainer.model, tokenizer, scored, cfg)[1]
