@@ -93,7 +93,9 @@ def test_default_pipeline_answers_trains_evaluates_and_registers(tmp_path, bigbe
     exp = client.get_experiment_by_name("mixtune/bbc_news")
     runs = client.search_runs([exp.experiment_id])
     stages = {r.data.tags["mixtune.stage"] for r in runs}
-    assert stages == {"search", "search-trial", "train", "evaluate", "register"}
+    assert stages == {"prepare", "search", "search-trial", "train", "evaluate", "register"}
+    [prepare_run] = [r for r in runs if r.data.tags["mixtune.stage"] == "prepare"]
+    assert "card.md" in {a.path for a in client.list_artifacts(prepare_run.info.run_id)}
     assert all(r.info.status == "FINISHED" for r in runs)
     [search_run] = [r for r in runs if r.data.tags["mixtune.stage"] == "search"]
     assert search_run.data.tags["mlflow.note.content"] == best["answer"]

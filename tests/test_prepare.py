@@ -346,3 +346,31 @@ def test_a_hub_dataset_keeps_its_validation_and_test_splits(tmp_path):
     assert stats["splits"] == {"train": 59, "dev": 22, "test": 21}
     assert [ex["completion"] for ex in parts["test"]] == [r["label"] for r in data["test"]]
     assert [ex["completion"] for ex in parts["dev"]] == [r["label"] for r in data["dev"]]
+
+
+def test_the_prepare_stage_logs_its_counts_and_data_card_to_mlflow(tmp_path, cli, monkeypatch, tiny_model):
+    from mlflow import MlflowClient
+
+    from conftest import write_params
+    from workspace import use_store
+
+    uri = use_store(monkeypatch, tmp_path)
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 10, "c": 10}))
+    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source()]},
+                          model={"base": str(tiny_model)})
+    rc, out, err = cli("--params", params, "prepare", "--root", tmp_path, "--out", tmp_path / "prepared")
+    assert rc == 0, err
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("mixtune/spec").experiment_id])
+    assert run.info.run_name == "prepare 32 train examples" and run.data.tags["mixtune.stage"] == "prepare"
+    m = run.data.metrics
+    assert m["data.splits.train"] == 32 and m["data.splits.dev"] == 4 and m["data.specialist.spec.read"] == 40
+    assert run.data.params["train.max_length"] == "512" and run.data.params["model.base"] == str(tiny_model)
+    assert run.data.tags["mlflow.note.content"].startswith("splits train 32, dev 4, test 4; 0 inputs truncated")
+    card = client.download_artifacts(run.info.run_id, "card.md", str(tmp_path / "dl"))
+    assert Path(card).read_text() == (tmp_path / "prepared" / "card.md").read_text()
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"card.md", "stats.json", "sources.json"}
+    # `mixtune check` is a look, not a stage: no run
+    rc, _, err = cli("--params", params, "check", "--root", tmp_path, "--out", tmp_path / "checked")
+    assert rc == 0, err
+    assert len(client.search_runs([run.info.experiment_id])) == 1

@@ -21,9 +21,10 @@ def _prepare(args) -> None:
     from mixtune import prepare
     from mixtune.config import load_section
 
-    stats = prepare.run(load_section("prepare", args.params), load_section("model", args.params),
-                        load_section("train", args.params, keys=prepare.TRAIN_KEYS).max_length, Path(args.root),
-                        Path(args.out))
+    cfg, model_cfg = load_section("prepare", args.params), load_section("model", args.params)
+    max_length = load_section("train", args.params, keys=prepare.TRAIN_KEYS).max_length
+    stats = prepare.run(cfg, model_cfg, max_length, Path(args.root), Path(args.out))
+    prepare.log_run(cfg, model_cfg, max_length, stats, Path(args.out))
     print(f"prepared: splits {stats['splits']}, generalist pool {stats['generalist_pool']} "
           f"({stats['decontaminated']} decontaminated)")
 

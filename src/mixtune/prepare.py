@@ -239,6 +239,32 @@ def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path 
     return stats
 
 
+def log_run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, stats: dict, out: Path) -> None:
+    """The prepare stage's MLflow run (not `mixtune check`'s): its settings, the counts of stats.json as
+    metrics, the data card and stats.json as artifacts, and what it made as its description."""
+    import mlflow
+
+    from mixtune.tracking import flatten, stage_run, with_exp_name
+
+    settings = cfg.model_dump(mode="json")
+    sources = {k: settings.pop(k) for k in ("specialist", "generalist")}  # lists: an artifact, not params
+    params = {"prepare": settings, "model": model_cfg.model_dump(), "train": {"max_length": max_length}}
+    label = with_exp_name(f"{stats['splits']['train']} train examples")
+    with stage_run("prepare", list(stats["specialist_tasks"]), params, label=label) as run:
+        if run is None:
+            return
+        mlflow.log_dict(sources, "sources.json")
+        counts = {k: v for k, v in flatten(stats).items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        mlflow.log_metrics({f"data.{k}": float(v) for k, v in counts.items()})
+        mlflow.log_artifact(str(out / "card.md"))
+        mlflow.log_artifact(str(out / "stats.json"))
+        truncated = sum(s["truncated"] for s in stats["specialist"].values())
+        mlflow.set_tag("mlflow.note.content", (
+            f"splits train {stats['splits']['train']}, dev {stats['splits']['dev']}, test {stats['splits']['test']}; "
+            f"{truncated} inputs truncated; generalist pool {stats['generalist_pool']} of "
+            f"{stats['generalist_tasks']} tasks, probe {stats['generalist_probe']} (see card.md)"))
+
+
 def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tokenizer, base: str,
               max_length: int, shown: int = 2) -> str:
     """prepared/card.md: what training will see, per task: its first examples rendered through the chat template

@@ -173,7 +173,8 @@ def run(cfg: RegisterConfig, eval_cfg, model_cfg: ModelConfig, prepared: Path = 
             "mixtune.champion_version": champion.version if champion else "",
             "mixtune.champion_score": champion.tags.get("mixtune.test_score", "") if champion else "",
             "mixtune.data_md5": data_hash() or "", "mixtune.generalist_share": measured["share"],
-            "mixtune.share_source": details["share_source"], "mixtune.forgetting": forgetting.get("value", ""),
+            "mixtune.share_source": details["share_source"],
+            "mixtune.forgetting": round(forgetting["value"], 9) if forgetting else "",  # 0.02, not 0.0200000000000001
             "mixtune.forgetting_interval": f"[{forgetting['low']:+.3f}, {forgetting['high']:+.3f}]" if forgetting else "",
             "mixtune.source_run_id": trained, "mixtune.evaluate_run_id": evaluated or "",
             "mixtune.register_run_id": mlrun.info.run_id,
