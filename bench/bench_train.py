@@ -19,22 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import matmul_ceiling
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "train.json"
 TARGET = 1.5
-
-
-def matmul_ceiling(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
 
 
 def measure(trainer, steps: int) -> dict:

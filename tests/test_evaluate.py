@@ -76,6 +76,8 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
     lengths = {len(tokenizer(o, add_special_tokens=False)["input_ids"]) for ex in examples for o in ex["options"]}
     assert len(lengths) >= 3  # options of different token lengths
     assert len({len(ex["prompt"][0]["content"]) for ex in examples}) == len(examples)
+    prompts = [score._prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
+    assert score._common_prefix(prompts, 100) >= 3  # the batches run a shared prefix once, as a cache
 
     want = _naive_scores(model, tokenizer, examples)
     got = score.score_options(model, tokenizer, examples, batch_size=3, prec="fp32")  # 3 batches, last short

@@ -71,6 +71,9 @@ def test_runs_from_an_experiment_copy_land_in_the_main_store(exp_copy):
                                     "train.max_steps": "", "mix.generalist_share": "0.25"}
     assert finished.data.tags["mixtune.mix_sha256"] == "abc"
     assert "mlflow_overhead_seconds" in finished.data.metrics
+    import resource  # this process's peak RSS, in MB: at least what it holds now (pytest, torch imported)
+
+    assert 100 < finished.data.metrics["peak_rss_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     artifact = Path(client.download_artifacts(run.info.run_id, "note.txt", str(copy / "dl")))
     assert artifact.read_text() == "hello"
     assert finished.info.artifact_uri.startswith((repo / "mlruns" / "artifacts").as_uri())

@@ -99,3 +99,18 @@ def load_adapter(base_model, adapter_dir: Path):
         return PeftModel.from_pretrained(base_model, str(adapter_dir))
     except Exception as e:  # corrupt weights or a mismatched base model
         raise MixtuneError(f"{adapter_dir}: cannot load adapter: {str(e).splitlines()[0]}") from None
+
+
+def release_memory() -> None:
+    """Hand the heap that training or scoring freed back to the system. PyTorch's CPU tensors come from glibc's
+    malloc, which keeps freed chunks under its (dynamic, up to 32 MB) mmap threshold for reuse: measured on the
+    default, a search trial's process held 6.5 GB after training and 3.9 GB after scoring 48 dev articles while
+    1.5 GB was live (`malloc_trim` brought it back each time, in 0.3 s). Elsewhere than glibc: nothing to do."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -30,7 +30,7 @@ from mixtune import score
 from mixtune.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
-from mixtune.model import load_tokenizer, precision, resolve_base
+from mixtune.model import load_tokenizer, precision, release_memory, resolve_base
 from mixtune.search_storage import Claim, count, open_study, parent_run, share_of, trial_run
 from mixtune.tracking import repo_root, stage_run
 
@@ -111,6 +111,7 @@ class _Trials:
             tokens = train.trained_tokens(trainer)
             trial.set_user_attr("trained_tokens", tokens)
             mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
+            release_memory()  # what training freed, before scoring and the next trial
         model = trainer.model
         with train.scoring(model):
             preds = self.predict(model, self.dev)

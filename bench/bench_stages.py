@@ -1,0 +1,63 @@
+"""The pipeline's stages as the last `make run` (or `dvc repro`) ran them, from the MLflow store: each stage's
+wall time, its process's peak RSS and the seconds it spent in MLflow calls, against the targets. Reads the
+latest run of each stage in the default task's experiment; run it right after a `make run` on a fresh clone.
+
+    python bench/bench_stages.py [--tracking-uri URI]
+
+Writes bench/results/stages.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "stages.json"
+STAGES = ("prepare", "search", "train", "evaluate", "register")
+TARGET_TOTAL_S, TARGET_RSS_MB, TARGET_MLFLOW_SHARE = 600.0, 2048.0, 0.02
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tracking-uri", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "src"))
+    from mlflow.tracking import MlflowClient
+
+    from mixtune.files import write_json
+    from mixtune.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=args.tracking_uri or tracking_uri())
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    rows = {}
+    for stage in STAGES:
+        run = next((r for r in runs if r.data.tags.get("mixtune.stage") == stage), None)
+        if run is None:
+            continue
+        wall = (run.info.end_time - run.info.start_time) / 1000
+        m = run.data.metrics
+        rows[stage] = {"seconds": wall, "peak_rss_mb": m.get("peak_rss_mb"),
+                       "mlflow_seconds": m.get("mlflow_overhead_seconds"),
+                       "mlflow_share": m["mlflow_overhead_seconds"] / wall if wall and "mlflow_overhead_seconds" in m
+                       else None, "run_id": run.info.run_id}
+    total = sum(r["seconds"] for r in rows.values())
+    result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": rows, "total_seconds": total,
+              "targets": {"total_seconds": TARGET_TOTAL_S, "peak_rss_mb": TARGET_RSS_MB,
+                          "mlflow_share": TARGET_MLFLOW_SHARE}}
+    write_json(RESULTS, result)
+    print(f"{'stage':10}{'seconds':>9}{'peak RSS MB':>13}{'MLflow s':>10}{'share':>8}")
+    for stage, r in rows.items():
+        share = "" if r["mlflow_share"] is None else f"{r['mlflow_share']:.1%}"
+        rss = "" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        mls = "" if r["mlflow_seconds"] is None else f"{r['mlflow_seconds']:.1f}"
+        print(f"{stage:10}{r['seconds']:>9.1f}{rss:>13}{mls:>10}{share:>8}")
+    print(f"{'total':10}{total:>9.1f}   (target <= {TARGET_TOTAL_S:.0f} s; <= {TARGET_RSS_MB:.0f} MB and "
+          f"< {TARGET_MLFLOW_SHARE:.0%} in MLflow per stage)")
+
+
+if __name__ == "__main__":
+    main()
