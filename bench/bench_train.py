@@ -27,7 +27,7 @@ TARGET = 1.5
 
 
 def measure(trainer, steps: int) -> dict:
-    """Run `steps` steps; tokens and time of steps 2..N (the first warms up)."""
+    """Run `steps` optimizer steps; tokens and time of steps 2..N (the first warms up)."""
     from transformers import TrainerCallback
 
     tokens: list[int] = []
@@ -49,7 +49,8 @@ def measure(trainer, steps: int) -> dict:
     trainer.add_callback(Clock())
     trainer.train()
     seconds = stamps[-1] - stamps[0]
-    counted = sum(tokens[1:steps])
+    accum = trainer.args.gradient_accumulation_steps  # the collator runs once per micro-batch
+    counted = sum(tokens[accum : steps * accum])
     return {"tokens": counted, "seconds": seconds, "tokens_per_second": counted / seconds}
 
 
