@@ -311,7 +311,7 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     body = re.sub(r"\(study/[a-z_]+\.png\)|`[^`]*`", "", text)  # image paths and the model path
     found = re.findall(r"[+-]?\d+(?:\.\d+)?", body)
     assert found and [n for n in found if n not in known and n.lstrip("+") not in known
-                      and n not in {"1", "2", "3", "95"}] == []  # the claims' numbering, 95% intervals
+                      and n not in {"1", "2", "3", "95", "80"}] == []  # the claims' numbering, 95% intervals, 80% power
     rows = {(r["target"], r["size"]): r for r in agg["rows"]}
     # a at 4 examples goes from 10/40 right (share 0) to 30/40 (share 0.5); b's searched share is the dev
     # fit's best, 0.5 (its scores rise linearly with the share).
@@ -324,7 +324,7 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     # a gains (0.5 + 0.25) / 2 = 0.375 on average, a_uncovered (0.125 + 0.05) / 2 = 0.0875 (15 and 12 of 40
     # right at share 0.5); every target gains more with 4 examples than with 8.
     cov, scarce = claims["coverage"]["parts"]
-    assert (round(cov["value"], 6), cov["status"], scarce["status"]) == (0.2875, "supported", "supported")
+    assert (round(cov["value"], 6), cov["status"], scarce["status"]) == (0.2875, "confirmed", "confirmed")
     assert [p["name"] for p in claims["capability"]["parts"]] == ["understanding: b", "reasoning: a"]
     assert claims["coverage"]["verdict"] == claims["capability"]["verdict"] == "confirmed"
     # Corruption 1.0 (a, 8 examples) scores 5/40, against the clean mix's 20/40 and the specialist's 10/40.
@@ -347,14 +347,52 @@ def test_presets_validate():
     assert len(cpu.seeds) >= 3 and len(paper.seeds) >= 3 and paper.sizes == [64, 256, 1024]
 
 
+def test_minimum_detectable_effect_by_hand():
+    import numpy as np
+
+    from mixtune.metrics import min_detectable_effect
+
+    # Bootstrap values -1 and +1, 500 each: sample standard deviation sqrt(1000 / 999). At 95% and 80% power the
+    # effect is (1.959964 + 0.841621) standard errors.
+    values = np.array([-1.0, 1.0] * 500)
+    assert min_detectable_effect(values) == pytest.approx(2.801585 * (1000 / 999) ** 0.5, abs=1e-5)
+    assert min_detectable_effect(values * 0.01) == pytest.approx(0.02803, abs=1e-5)  # scales with the error
+    assert min_detectable_effect(values, power=0.5) == pytest.approx(1.959964 * (1000 / 999) ** 0.5, abs=1e-5)
+
+
+def test_each_comparison_is_confirmed_contradicted_or_inconclusive_with_its_detectable_effect():
+    import numpy as np
+
+    from mixtune.study_report import _part
+
+    rng = np.random.default_rng(0)
+
+    def status(mean, sd):
+        return _part("p", "c", rng.normal(mean, sd, 4000), mean)
+
+    assert status(0.10, 0.02)["status"] == "confirmed"
+    assert status(-0.10, 0.02)["status"] == "contradicted"  # the opposite effect
+    # Powered (detects 0.056, under 0.08) and the interval [-0.04, 0.04] rules out a gain of 0.08: contradicted.
+    powered = status(0.0, 0.02)
+    assert powered["status"] == "contradicted" and powered["mde"] == pytest.approx(0.056, abs=0.003)
+    # The same null result from a design that could only detect 0.28: inconclusive, never "not confirmed".
+    weak = status(0.0, 0.1)
+    assert weak["status"] == "inconclusive" and weak["mde"] == pytest.approx(0.28, abs=0.015)
+    # Powered, but the interval reaches past 0.08: a gain that size is not ruled out.
+    assert status(0.04, 0.025)["status"] == "inconclusive"  # [-0.009, +0.089], detects 0.07
+
+
 def test_verdicts():
     from mixtune.study_report import _verdict
 
-    def part(status, value):
-        return {"status": status, "value": value}
+    def part(status, mde=0.1):
+        return {"status": status, "mde": mde}
 
-    assert _verdict([part("supported", 0.1), part("supported", 0.2)]) == "confirmed"
-    assert _verdict([part("supported", 0.1), part("inconclusive", -0.01)]) == "mixed"
-    assert _verdict([part("inconclusive", 0.05)]) == "not confirmed"  # a point estimate alone is no evidence
-    assert _verdict([part("contradicted", -0.1), part("inconclusive", -0.01)]) == "not confirmed"
+    assert _verdict([part("confirmed"), part("confirmed")]) == "confirmed"
+    assert _verdict([part("contradicted"), part("contradicted")]) == "contradicted"
+    assert _verdict([part("inconclusive", 0.21), part("inconclusive", 0.13)]) == \
+        "inconclusive: could detect only gains above 0.130"
+    assert _verdict([part("confirmed"), part("inconclusive")]) == "mixed: 1 confirmed, 1 inconclusive"
+    assert _verdict([part("contradicted"), part("confirmed"), part("contradicted")]) == \
+        "mixed: 1 confirmed, 2 contradicted"
     assert _verdict([]) == "not tested"

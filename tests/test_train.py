@@ -190,6 +190,36 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert run.data.metrics["train_seconds"] == pytest.approx(m["train_seconds"])  # timings: MLflow's
 
 
+def test_micro_batches_train_as_one_pass_over_the_batch(tmp_path, monkeypatch, tiny_model):
+    """micro_batch only splits each step's rows into forward/backward passes (each cut to its longest row): the
+    same losses and the same adapter as the whole batch in one pass. fp32 on a CPU: only the order of the
+    gradient's sums differs (measured: 1e-7); a chunk weighted by its own token count instead of the batch's,
+    a dropped chunk or a cut real token moves the loss by more than 1e-3."""
+    from safetensors.torch import load_file
+
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    lengths = {len(e["prompt"][-1]["content"]) for e in train.read_jsonl(tmp_path / "mix" / "train.jsonl")}
+    assert len(lengths) > 8  # rows of different lengths: the chunks are cut to different widths
+    result = {}
+    for rows in (8, 3, 1):
+        monkeypatch.chdir(tmp_path)
+        cfg = train_config(max_steps=6, batch_size=8, micro_batch=rows, logging_steps=1, save_steps=100)
+        out = tmp_path / f"train-{rows}"
+        m = train.run(cfg, ModelConfig(base=str(tiny_model)), Path("mix"), out)
+        losses = [float(r["loss"]) for r in csv.DictReader(open(out / "loss.csv"))]
+        result[rows] = m, losses, load_file(out / "adapter" / "adapter_model.safetensors")
+    whole_m, whole_losses, whole_w = result[8]
+    assert len(whole_losses) == 6 and whole_losses[-1] < whole_losses[0]
+    for rows in (3, 1):
+        m, losses, w = result[rows]
+        assert m["trained_tokens"] == whole_m["trained_tokens"]
+        assert losses == pytest.approx(whole_losses, abs=1e-5)
+        assert m["train_loss"] == pytest.approx(whole_m["train_loss"], abs=1e-5)
+        assert all((w[k] - whole_w[k]).abs().max().item() <= 1e-5 for k in whole_w)
+
+
 def test_nan_loss_fails_the_run(tmp_path, monkeypatch, tiny_model):
     """A learning rate of 1e30 blows the weights up after the first update: the loss goes NaN for real."""
     uri = use_store(monkeypatch, tmp_path)

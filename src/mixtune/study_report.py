@@ -93,21 +93,39 @@ def _cell_summary(cfg: StudyConfig, doc: dict, resamples: int) -> tuple[dict, di
     return out, samples
 
 
+# A comparison is powered when it would detect a gain of 0.08 with 80% probability (issue 12's bar): then an
+# interval that holds 0 and lies below 0.08 says the claimed gain, if any, is smaller than that.
+POWERED = 0.08
+
+
 def _part(name: str, claim: str, values: np.ndarray, point: float) -> dict:
+    """One comparison: its interval, its minimum detectable effect and its status. confirmed: the interval lies
+    above 0. contradicted: it lies below 0, or the comparison is powered and its interval rules out a gain of
+    POWERED. inconclusive otherwise: the design could detect only gains above its minimum detectable effect."""
     low, high = M.interval(values)
-    status = "supported" if low > 0 else "contradicted" if high < 0 else "inconclusive"
-    return {"name": name, "claim": claim, "value": float(point), "low": low, "high": high, "status": status}
+    mde = M.min_detectable_effect(values)
+    if low > 0:
+        status = "confirmed"
+    elif high < 0 or (mde <= POWERED and high < POWERED):
+        status = "contradicted"
+    else:
+        status = "inconclusive"
+    return {"name": name, "claim": claim, "value": float(point), "low": low, "high": high, "mde": mde,
+            "status": status}
 
 
 def _verdict(parts: list[dict]) -> str:
-    """confirmed: every part's interval lies above 0; not confirmed: none does (a positive point estimate
-    inside an interval that holds 0 is no evidence); mixed: some do."""
+    """The claim's: confirmed or contradicted when every comparison is; inconclusive when none is either, with
+    the smallest gain any of them could detect; mixed otherwise, with the counts."""
     statuses = [p["status"] for p in parts]
     if not parts:
         return "not tested"
-    if all(s == "supported" for s in statuses):
-        return "confirmed"
-    return "mixed" if "supported" in statuses else "not confirmed"
+    if len(set(statuses)) == 1 and statuses[0] != "inconclusive":
+        return statuses[0]
+    if set(statuses) == {"inconclusive"}:
+        return f"inconclusive: could detect only gains above {min(p['mde'] for p in parts):.3f}"
+    return "mixed: " + ", ".join(f"{statuses.count(s)} {s}" for s in ("confirmed", "contradicted", "inconclusive")
+                                 if s in statuses)
 
 
 def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
@@ -185,7 +203,7 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     # its gains cannot speak for or against a claim.
     floor = [n for n in cfg.targets if all(r[c]["low"] <= r["base"]["value"] <= r[c]["high"]
                                            for r in rows if r["target"] == n for c in CONDITIONS)]
-    return {"preset": cfg.preset, "note": cfg.note, "floor": floor, "model": cfg.model.base, "sizes": cfg.sizes,
+    return {"preset": cfg.preset, "note": cfg.note, "floor": floor, "powered": POWERED, "model": cfg.model.base, "sizes": cfg.sizes,
             "shares": cfg.shares, "fixed_share": cfg.fixed_share, "seeds": cfg.seeds,
             "corrupt_rates": cfg.corrupt_generalist, "targets": targets, "rows": rows, "claims": claims,
             "cell_seconds": sum(seconds.values())}
@@ -337,13 +355,17 @@ def render(agg: dict, images: dict[str, str]) -> str:
             f"{agg['cell_seconds'] / 60:.1f} minutes of compute.", ""]
     if agg["note"]:
         out += [f"What this preset cuts: {agg['note']}", ""]
-    out += ["Intervals are 95% two-way paired bootstraps over seeds and test examples.", "", "## Verdicts", ""]
+    out += ["Intervals are 95% two-way paired bootstraps over seeds and test examples. A comparison's minimum "
+            "detectable effect is the gain it would detect with 80% probability (from the bootstrap's standard "
+            "error). A comparison is confirmed when its interval lies above zero; contradicted when it lies below "
+            f"zero, or when the comparison could detect a gain of {agg['powered']} and its interval rules one out; "
+            "inconclusive otherwise.", "", "## Verdicts", ""]
     for i, (key, text) in enumerate(claims_text.items(), 1):
         c = agg["claims"][key]
         out.append(f"{i}. **{text}** Verdict at this scale: **{c['verdict']}**.")
         for p in c["parts"]:
-            out.append(f"   - {p['name']}: {p['claim']}: {p['value']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] "
-                       f"({p['status']})")
+            out.append(f"   - {p['name']}: {p['claim']}: {p['value']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], "
+                       f"minimum detectable effect {p['mde']:.3f} ({p['status']})")
     if agg["floor"]:
         out += ["", f"At this scale the model learned nothing measurable on {', '.join(agg['floor'])}: every tuned "
                 "score's interval holds the base model's score. Parts that rest on these targets are floor effects, "

@@ -92,6 +92,28 @@ def _trainer_class():
                 loss = loss * self.accelerator.num_processes  # as Trainer does: DDP averages the gradients
             return (loss, None) if return_outputs else loss
 
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """The step's rows in micro-batches of `micro_batch`, each forward and backward on its own, each cut
+            to its longest row (the collator pads on the right, so the cut columns are padding no real token
+            attends to). The gradient is the whole batch's: every chunk's loss is summed over its completion
+            tokens and divided by the batch's count. Smaller activations: faster on a CPU, less memory
+            (measured in the README). Not the Trainer's gradient accumulation, whose resume of a checkpoint
+            changed the training (test_train): the Trainer still sees one batch per step."""
+            rows = inputs["input_ids"].shape[0]
+            if self.micro_batch >= rows or "attention_mask" not in inputs:  # packed: one row, no mask
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:
+                num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+            width = inputs["input_ids"].shape[1]
+            loss = 0.0
+            for i in range(0, rows, self.micro_batch):
+                mask = inputs["attention_mask"][i : i + self.micro_batch]
+                keep = int(mask.sum(dim=1).max())
+                chunk = {k: v[i : i + self.micro_batch, :keep] if v.dim() > 1 and v.shape[1] == width
+                         else v[i : i + self.micro_batch] for k, v in inputs.items()}
+                loss = loss + super().training_step(model, chunk, num_items_in_batch)
+            return loss
+
     return CompletionTrainer
 
 
@@ -186,8 +208,10 @@ def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir:
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     dataset = datasets.Dataset.from_list([to_conversational(e) for e in examples])
-    return _trainer_class()(model=load_base(base), args=sft, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=lora)
+    trainer = _trainer_class()(model=load_base(base), args=sft, train_dataset=dataset, processing_class=tokenizer,
+                               peft_config=lora)
+    trainer.micro_batch = cfg.micro_batch
+    return trainer
 
 
 def tuner(cfg: TrainConfig, base: str, examples: list[dict], workdir: Path, prec: str, tokenizer, *,
