@@ -7,7 +7,11 @@
 Throughput counts non-padding tokens (the attention mask of every batch the collator builds) over the steps
 after the first (warm-up), alternating baseline and mixtune runs; the figure is the median over runs.
 
-    python bench/bench_train.py [--steps 8] [--runs 2]
+    python bench/bench_train.py [--steps 8] [--runs 2] [--short]
+
+--short trains on short examples instead of the default mix: the generalist pool's examples whose prompt is
+under 50 tokens through the chat template (the issue's "tweets" case, where per-step overheads weigh more);
+results in bench/results/train_short.json.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from common import matmul_ceiling
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "train.json"
-TARGET = 1.5
+RESULTS_SHORT = REPO / "bench" / "results" / "train_short.json"
+TARGET_MFU = {"mix": 0.70, "short": 0.55}  # of the bf16 matmul ceiling (issue 11)
 
 
 def measure(trainer, steps: int) -> dict:
@@ -54,6 +59,19 @@ def measure(trainer, steps: int) -> dict:
     return {"tokens": counted, "seconds": seconds, "tokens_per_second": counted / seconds}
 
 
+def short_examples(base: str, n: int = 256, max_prompt_tokens: int = 50) -> list[dict]:
+    """The first `n` examples of the generalist pool whose prompt is under `max_prompt_tokens` tokens."""
+    from mixtune.files import read_jsonl
+    from mixtune.model import chat_tokens, load_tokenizer
+
+    pool = read_jsonl(REPO / "prepared" / "generalist.jsonl")
+    lengths = chat_tokens(load_tokenizer(base), [e["prompt"] for e in pool], add_generation_prompt=True)
+    short = [e for e, k in zip(pool, lengths) if k < max_prompt_tokens][:n]
+    if len(short) < n:
+        raise SystemExit(f"bench_train: only {len(short)} pool examples have prompts under {max_prompt_tokens} tokens")
+    return short
+
+
 def baseline_trainer(base: str, examples: list[dict], out: Path, steps: int):
     import datasets
     from peft import LoraConfig
@@ -74,6 +92,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--short", action="store_true")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
@@ -84,7 +103,7 @@ def main() -> None:
 
     cfg = load_section("train", args.params).model_copy(update={"max_steps": args.steps, "save_steps": 10**6})
     base = resolve_base(load_section("model", args.params).base)
-    examples = read_jsonl(REPO / "mix" / "train.jsonl")
+    examples = short_examples(base) if args.short else read_jsonl(REPO / "mix" / "train.jsonl")
     prec = precision(cfg.precision)
     ceiling = matmul_ceiling()
     runs: dict[str, list[dict]] = {"baseline": [], "mixtune": []}
@@ -101,16 +120,17 @@ def main() -> None:
     tps = {k: statistics.median(x["tokens_per_second"] for x in v) for k, v in runs.items()}
     speedup = tps["mixtune"] / tps["baseline"]
     mfu = {k: v * 4 * n_params / ceiling for k, v in tps.items()}
-    result = {"steps": args.steps, "runs": runs, "tokens_per_second": tps, "speedup": speedup, "target": TARGET,
-              "bf16_matmul_gflops": ceiling / 1e9, "params": n_params, "mfu": mfu,
+    kind = "short" if args.short else "mix"
+    result = {"steps": args.steps, "runs": runs, "tokens_per_second": tps, "speedup": speedup,
+              "target_mfu": TARGET_MFU[kind], "bf16_matmul_gflops": ceiling / 1e9, "params": n_params, "mfu": mfu,
               "ceiling_tokens_per_second": ceiling / (4 * n_params), "precision": prec}
-    write_json(RESULTS, result)
+    result["examples"] = kind
+    write_json(RESULTS_SHORT if args.short else RESULTS, result)
     print(f"\n{'':10}{'tokens/s':>10}{'MFU':>8}\n" + "\n".join(
         f"{k:10}{tps[k]:>10.0f}{mfu[k]:>8.1%}" for k in tps))
-    print(f"speedup {speedup:.2f}x (target {TARGET}x); bf16 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s "
+    print(f"speedup {speedup:.2f}x over the baseline; bf16 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s "
           f"= {result['ceiling_tokens_per_second']:.0f} tokens/s for {n_params / 1e6:.1f}M params")
-    print("PASS" if speedup >= TARGET else "FAIL")
-
+    print("PASS" if mfu["mixtune"] >= TARGET_MFU[kind] else f"FAIL: MFU under {TARGET_MFU[kind]:.0%}")
 
 if __name__ == "__main__":
     main()

@@ -374,3 +374,34 @@ def test_the_prepare_stage_logs_its_counts_and_data_card_to_mlflow(tmp_path, cli
     rc, _, err = cli("--params", params, "check", "--root", tmp_path, "--out", tmp_path / "checked")
     assert rc == 0, err
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_trec_a_real_dataset_keeps_its_own_test_split(tmp_path):
+    """The README's example (examples/trec): TREC question classification with its own train and test files.
+    The test file is the test split, record for record in its order; dev is 10% of train, per label."""
+    import csv
+    import shutil
+
+    import yaml
+
+    from conftest import REPO
+
+    shutil.copytree(REPO / "examples" / "trec", tmp_path / "data" / "specialist" / "trec")
+    source = yaml.safe_load((REPO / "examples" / "trec" / "source.yaml").read_text())
+    stats = run(tmp_path, specialist=[source], min_eval_examples=20)
+    given = {name: list(csv.DictReader(open(REPO / "examples" / "trec" / f"{name}.csv"))) for name in ("train", "test")}
+    parts = splits(tmp_path / "prepared")
+    assert len(parts["test"]) == len(given["test"]) == 499
+    assert [ex["completion"] for ex in parts["test"]] == [r["label"] for r in given["test"]]
+    assert [ex["prompt"][-1]["content"].split("\n\n")[1] for ex in parts["test"]] == \
+        [r["question"] for r in given["test"]]
+    assert stats["specialist"]["trec"]["given_splits"] == {"test": 499}
+    # Every training question is trained on, in dev, or counted as a duplicate: 5,444 questions, 5,373 distinct,
+    # 10 of them also test questions (they would leak the test into training).
+    distinct = {r["question"] for r in given["train"]} - {r["question"] for r in given["test"]}
+    assert len(distinct) == 5363 and stats["specialist_duplicates_removed"] == 5444 - 5363
+    assert stats["splits"] == {"train": 4827, "dev": 536, "test": 499}
+    assert {ex["prompt"][-1]["content"].split("\n\n")[1] for ex in parts["train"] + parts["dev"]} == distinct
+    dev = Counter(ex["completion"] for ex in parts["dev"])
+    train = Counter(ex["completion"] for ex in parts["train"])
+    assert all(dev[label] == round(0.1 * (dev[label] + train[label])) for label in train)

@@ -1,0 +1,125 @@
+"""One table of every benchmark figure: the figure, its baseline measured in the same run, the ratio, the target,
+met or not, and when it was measured. Reads bench/results/*.json (each bench_*.py writes its own); a result
+that is missing is a row that says so, not a gap. Writes bench/results/report.md (the README's performance
+table is that file) and prints it.
+
+    python bench/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+# Issue 11's targets. Training's MFU and scoring's utilisation are against the bf16 matmul ceiling measured in
+# the same run; memory and time are per stage of the default `make run`.
+SCORE_UTIL, STAGE_RSS_MB, MLFLOW_SHARE, PIPELINE_S = 0.60, 2048.0, 0.02, 600.0
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _when(name: str, result: dict) -> str:
+    """The result's own date where it records one, else its file's."""
+    if result.get("when"):
+        return result["when"][:10]
+    stamp = os.path.getmtime(RESULTS / f"{name}.json")
+    return datetime.fromtimestamp(stamp, timezone.utc).date().isoformat()
+
+
+def rows() -> list[tuple[str, str, str, str, str, str]]:
+    """(what, mixtune, baseline in the same run, ratio, target, met) per figure."""
+    out: list[tuple[str, str, str, str, str, str]] = []
+
+    def row(what, value, baseline="", ratio="", target="", met=None):
+        out.append((what, value, baseline, ratio, target, "" if met is None else ("**met**" if met else "missed")))
+
+    def missing(name, command):
+        row(f"{name}: not measured", f"run `{command}`")
+
+    if (d := _load("data")) is None:
+        missing("prepare, mix", "python bench/bench_data.py")
+    else:
+        p, m, t = d["prepare"], d["mix"], d["targets"]
+        row("`prepare` on the default inputs: wall time", f"{p['seconds']:.1f} s", "", "",
+            f"< {t['prepare_seconds']:.0f} s", p["seconds"] < t["prepare_seconds"])
+        row("`prepare`: peak RSS", f"{p['maxrss'] / 2**20:.0f} MB", "", "", f"< {t['prepare_maxrss'] / 2**20:.0f} MB",
+            p["maxrss"] < t["prepare_maxrss"])
+        row("mix 1,000,000 examples (median of 3)", f"{m['seconds']:.2f} s",
+            f"read + write the same bytes: {m['copy_seconds']:.2f} s", f"{m['ratio_to_copy']:.0f}x the copy",
+            f"< {t['mix_1m_seconds']:.0f} s", m["seconds"] < t["mix_1m_seconds"])
+
+    for name, what in (("train", "the default mix"), ("train_short", "short examples (prompts < 50 tokens)")):
+        if (d := _load(name)) is None:
+            missing(f"training on {what}", "python bench/bench_train.py" + (" --short" if "short" in name else ""))
+            continue
+        tps, mfu = d["tokens_per_second"], d["mfu"]
+        row(f"training on {what}, non-padding tokens/s (median of {len(d['runs']['mixtune'])} runs of "
+            f"{d['steps']} steps)", f"{tps['mixtune']:.0f} tokens/s, MFU {mfu['mixtune']:.0%}",
+            f"plain TRL script: {tps['baseline']:.0f} tokens/s, MFU {mfu['baseline']:.0%}", f"{d['speedup']:.2f}x",
+            f"MFU >= {d['target_mfu']:.0%} (bf16 ceiling {d['bf16_matmul_gflops']:.0f} GFLOP/s, same run)",
+            mfu["mixtune"] >= d["target_mfu"])
+
+    if (d := _load("eval")) is None or "scoring" not in d:
+        missing("scoring", "python bench/bench_eval.py")
+    else:
+        s, n, g, c = d["scoring"], d["naive"], d["generation"], d["ceiling_gflops"]
+        row(f"label scoring ({d['examples']} test articles, {d['tokens_per_example']:.0f} tokens each, fp32)",
+            f"{s['seconds_per_example']:.3f} s/example", f"per-option scoring: {n['seconds_per_example']:.3f} s",
+            f"{d['speedup']:.1f}x", f"scores within 1e-4: {d['max_abs_difference']:.0e}",
+            d["max_abs_difference"] <= 1e-4)
+        row(f"scoring utilisation (fp32 ceiling {c['fp32']:.0f}, bf16 {c['bf16']:.0f} GFLOP/s, same run)",
+            f"{s['utilisation']['bf16']:.0%} of bf16", f"{s['utilisation']['fp32']:.0%} of fp32", "",
+            f">= {SCORE_UTIL:.0%} of bf16", s["utilisation"]["bf16"] >= SCORE_UTIL)
+        row("scoring: peak RSS above the loaded model", f"{s['peak_rss_above_model_mb']:.0f} MB")
+        row("generation (greedy, generative tasks)", f"{g['seconds_per_example']:.3f} s/example",
+            "", "", f"{g['utilisation']['fp32']:.0%} of fp32, {g['utilisation']['bf16']:.0%} of bf16")
+
+    if (d := _load("search")) is None:
+        missing("search against a grid", "python bench/bench_search.py")
+    else:
+        gr, se, t = d["grid"], d["search"], d["target"]
+        row(f"`search` against an 11-point grid (same seeds; {_when('search', d)})",
+            f"best dev {se['best_dev_metric']:.3f} (r={se['best_share']:.2f}), {se['trained_tokens']:,} tokens",
+            f"best dev {gr['best_dev_metric']:.3f} (r={gr['best_share']:.2f}), {gr['trained_tokens']:,} tokens",
+            f"{d['compute_ratio']:.2f} of the tokens",
+            f"within {t['max_gap']} at <= {t['max_compute_ratio']:.2f} of the tokens", d["met"])
+
+    if (d := _load("stages")) is None:
+        missing("the default pipeline's stages", "make run && python bench/bench_stages.py")
+    else:
+        for stage, r in d["stages"].items():
+            share = r.get("mlflow_share")
+            rss = r.get("peak_rss_mb")
+            row(f"`{stage}` stage of `make run`", f"{r['seconds']:.0f} s, {rss:.0f} MB peak" if rss else
+                f"{r['seconds']:.0f} s", "", f"MLflow {share:.1%}" if share is not None else "",
+                f"<= {STAGE_RSS_MB:.0f} MB, MLflow < {MLFLOW_SHARE:.0%}",
+                rss is not None and rss <= STAGE_RSS_MB and share is not None and share < MLFLOW_SHARE)
+        row("`make run` after set-up (the stages above)", f"{d['total_seconds'] / 60:.1f} min", "", "",
+            f"<= {PIPELINE_S / 60:.0f} min", d["total_seconds"] <= PIPELINE_S)
+    return out
+
+
+def table() -> str:
+    head = ("what", "mixtune", "baseline, same run", "ratio", "target", "")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    text = table()
+    tmp = RESULTS / "report.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(RESULTS / "report.md")
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
