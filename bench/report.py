@@ -95,12 +95,15 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
         missing("the default pipeline's stages", "make run && python bench/bench_stages.py")
     else:
         for stage, r in d["stages"].items():
-            share = r.get("mlflow_share")
-            rss = r.get("peak_rss_mb")
-            row(f"`{stage}` stage of `make run`", f"{r['seconds']:.0f} s, {rss:.0f} MB peak" if rss else
-                f"{r['seconds']:.0f} s", "", f"MLflow {share:.1%}" if share is not None else "",
-                f"<= {STAGE_RSS_MB:.0f} MB, MLflow < {MLFLOW_SHARE:.0%}",
-                rss is not None and rss <= STAGE_RSS_MB and share is not None and share < MLFLOW_SHARE)
+            share, rss, secs = r.get("mlflow_share"), r.get("peak_rss_mb"), r.get("seconds")
+            # register's work is MLflow's (logging and registering the model): its share is no overhead
+            overhead = share is not None and stage != "register"
+            row(f"`{stage}` stage of `make run`" + (" (time: bench_data)" if stage == "prepare" else ""),
+                ", ".join(x for x in ("" if secs is None else f"{secs:.0f} s", f"{rss:.0f} MB peak" if rss else "")
+                          if x),
+                "", f"MLflow {share:.1%}" if share is not None else "",
+                f"<= {STAGE_RSS_MB:.0f} MB" + (f", MLflow < {MLFLOW_SHARE:.0%}" if overhead else ""),
+                rss is not None and rss <= STAGE_RSS_MB and (not overhead or share < MLFLOW_SHARE))
         row("`make run` after set-up (the stages above)", f"{d['total_seconds'] / 60:.1f} min", "", "",
             f"<= {PIPELINE_S / 60:.0f} min", d["total_seconds"] <= PIPELINE_S)
     return out
