@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def main() -> None:
     found = arm("search", grid=False)
     gap = grid["best_dev_metric"] - found["best_dev_metric"]
     compute = found["trained_tokens"] / grid["trained_tokens"]
-    result = {"grid": grid, "search": found, "gap": gap, "compute_ratio": compute,
+    result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "grid": grid, "search": found, "gap": gap, "compute_ratio": compute,
               "target": {"max_gap": MAX_GAP, "max_compute_ratio": MAX_COMPUTE},
               "met": gap <= MAX_GAP and compute <= MAX_COMPUTE}
     write_json(RESULTS, result)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,11 +27,18 @@ def _load(name: str) -> dict | None:
 
 
 def _when(name: str, result: dict) -> str:
-    """The result's own date where it records one, else its file's."""
+    """The result's own date where it records one, else its last commit's (a checkout's file times are the
+    clone's), else its file's."""
     if result.get("when"):
         return result["when"][:10]
-    stamp = os.path.getmtime(RESULTS / f"{name}.json")
-    return datetime.fromtimestamp(stamp, timezone.utc).date().isoformat()
+    path = RESULTS / f"{name}.json"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", str(path)], cwd=REPO, capture_output=True,
+                           text=True, check=False).stdout.strip()
+    committed = subprocess.run(["git", "log", "-1", "--format=%cs", "--", str(path)], cwd=REPO,
+                               capture_output=True, text=True, check=False).stdout.strip()
+    if committed and not dirty:
+        return committed
+    return datetime.fromtimestamp(os.path.getmtime(path), UTC).date().isoformat()
 
 
 def rows() -> list[tuple[str, str, str, str, str, str]]:
@@ -101,7 +109,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
             row(f"`{stage}` stage of `make run`" + (" (time: bench_data)" if stage == "prepare" else ""),
                 ", ".join(x for x in ("" if secs is None else f"{secs:.0f} s", f"{rss:.0f} MB peak" if rss else "")
                           if x),
-                "", f"MLflow {share:.1%}" if share is not None else "",
+                "", f"MLflow {share:.1%}" if share is not None else ("MLflow: not timed" if stage == "search" else ""),
                 f"<= {STAGE_RSS_MB:.0f} MB" + (f", MLflow < {MLFLOW_SHARE:.0%}" if overhead else ""),
                 rss is not None and rss <= STAGE_RSS_MB and (not overhead or share < MLFLOW_SHARE))
         row("`make run` after set-up (the stages above)", f"{d['total_seconds'] / 60:.1f} min", "", "",
