@@ -223,5 +223,5 @@ def test_the_readmes_rerun_table_is_the_one_derived_from_dvc_yaml():
     # what the README promises in words
     assert rows["`mix.generalist_share`, `mix.corrupt_generalist`"] == ["mix", "train", "evaluate", "register"]
     assert next(v for k, v in rows.items() if "`score.py`" in k) == ["search", "mix", "train", "evaluate", "register",
-                                                                     "study-prepare", "study-run", "study-report"]
+                                                                     "study-prepare", "study-screen", "study-run", "study-report"]
     assert next(v for k, v in rows.items() if "`register.py`" in k) == ["register"]

@@ -169,6 +169,16 @@ def tiny_study(tmp_path, tiny_model, monkeypatch):
     return tmp_path, uri
 
 
+def _screened(root: Path, target: str, kept: bool = True, base: float = 0.25, specialist: float = 0.75) -> None:
+    """A screen result written by hand, for tests of what comes after the screen (the screen has its own test):
+    the tiny study's targets are random labels the tiny model cannot learn, which the screen would drop."""
+    gain = specialist - base
+    write_json(root / "study" / "screen" / f"{target}.json",
+               {"target": target, "size": 8, "seed": 0, "dev_examples": 8, "base": base, "specialist": specialist,
+                "gain": {"value": gain, "low": gain - 0.125, "high": gain + 0.125}, "kept": kept,
+                "why": "kept" if kept else "dropped"})
+
+
 def test_tiny_study_end_to_end(tiny_study, cli):
     from mlflow import MlflowClient
 
@@ -178,6 +188,8 @@ def test_tiny_study_end_to_end(tiny_study, cli):
     # Coverage: 30 of the 50 pool examples share "logical reasoning"; without that skill, 0 of 20.
     assert "study prepare a: splits {'train': 22, 'dev': 9, 'test': 9}, pool 50, coverage 0.600 (1 of 2" in out
     assert "study prepare a_uncovered: splits {'train': 22, 'dev': 9, 'test': 9}, pool 20, coverage 0.000" in out
+    for target in ("a", "a_uncovered"):
+        _screened(root, target)
     for target in ("a", "a_uncovered"):
         for size in (4, 8):
             rc, out, err = cli("study", "run", "--target", target, "--size", str(size))
@@ -220,6 +232,56 @@ def test_tiny_study_end_to_end(tiny_study, cli):
     assert "study.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
 
+def test_the_screen_keeps_a_target_the_model_learns_and_drops_one_it_cannot(tmp_path, monkeypatch, cli):
+    """Planted targets on the tiny model: in `learnable` the answer is the word the text repeats (a or b, then two
+    random words); in
+    `noise` the answer is drawn at random, so nothing in the text predicts it. The screen keeps the first (the
+    tuned model beats the base model beyond the interval) and drops the second, whose run then measures nothing."""
+    from tiny import build_tiny_model
+
+    rng = random.Random(5)
+    tiny_model = build_tiny_model(tmp_path / "learner", [sentence(rng, 20) for _ in range(300)] +
+                                  ["Which class? Answer with one of: a, b."], embedding_scale=25.0)
+    learnable = [{"text": " ".join([label] * 6 + [sentence(rng, 2)]), "label": label} for label in "ab" * 40]
+    noise = [{"text": sentence(rng, 6), "label": rng.choice("ab")} for _ in range(80)]
+    for name, rows in (("learnable", learnable), ("noise", noise)):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    write_jsonl(tmp_path / "pool.jsonl", [{"instruction": sentence(rng, 5), "input": "", "output": sentence(rng, 2)}
+                                          for _ in range(60)])
+    params = _study_params(tiny_model, sizes=[32], seeds=[0], dev_examples=16, corrupt_targets=[])
+    study = params["study"]
+    study["train"].update(max_steps=60, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0)
+    study["prepare"].update(dev_fraction=0.2, test_fraction=0.2, generalist=[
+        {"name": "pool", "kind": "file", "path": "pool.jsonl", "format": "alpaca", "keywords": ["translation"]}])
+    source = {"kind": "file", "format": "classification", "columns": {"text": "text", "label": "label"},
+              "labels": ["a", "b"], "instruction": "Which class? Answer with one of: a, b."}
+    study["targets"] = {name: {"capability": "reasoning", "source": {**source, "name": name, "path": f"{name}.jsonl"}}
+                        for name in ("learnable", "noise")}
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "params.yaml").write_text(yaml.safe_dump(params))
+    use_store(monkeypatch, tmp_path)
+    assert cli("study", "prepare")[0] == 0
+    rc, out, err = cli("study", "screen", "--target", "learnable")
+    assert rc == 0, err
+    kept = json.loads((tmp_path / "study" / "screen" / "learnable.json").read_text())
+    # every dev answer right against the base model's 8 of 16
+    assert (kept["kept"], kept["base"], kept["specialist"], kept["dev_examples"]) == (True, 0.5, 1.0, 16), kept
+    assert kept["gain"]["low"] > 0
+    assert out.strip().splitlines()[-1].startswith("study screen learnable: kept: the pure specialist beats the base "
+                                                   "model on dev by +0.500 [")
+    rc, out, err = cli("study", "screen", "--target", "noise")
+    assert rc == 0, err
+    dropped = json.loads((tmp_path / "study" / "screen" / "noise.json").read_text())
+    assert not dropped["kept"] and dropped["gain"]["low"] <= 0 <= dropped["gain"]["high"], dropped
+    # The screen's cells are the run's: the learnable target's run reads them back; the dropped one runs nothing.
+    rc, out, err = cli("study", "run", "--target", "learnable", "--size", "32")
+    assert rc == 0 and out.count("(cached)") == 2, err
+    rc, out, err = cli("study", "run", "--target", "noise", "--size", "32")
+    assert rc == 0 and out.strip().splitlines()[-1] == "study run noise n=32: dropped by its screen, nothing to run"
+    doc = json.loads((tmp_path / "study" / "results" / "noise-n32.json").read_text())
+    assert doc["cells"] == [] and doc["dropped"] == dropped["why"]
+
+
 def test_study_bad_input_is_one_line(tiny_study, cli, tiny_model):
     root, _ = tiny_study
     rc, _, err = cli("study", "run", "--target", "nope", "--size", "4")
@@ -241,6 +303,7 @@ def test_a_diverging_cell_is_one_line_and_leaves_no_result(tiny_study, cli, tiny
     params["study"]["train"].update(learning_rate=1e30, max_steps=4, warmup_ratio=0.0)
     (root / "study" / "params.yaml").write_text(yaml.safe_dump(params))
     assert cli("study", "prepare", "--target", "a")[0] == 0
+    _screened(root, "a")
     rc, out, err = cli("study", "run", "--target", "a", "--size", "4")
     assert rc == 1 and "study a base model [1/7]" in out
     assert err.strip().splitlines()[-1] == ("mixtune study: error: study: a n=4 seed=0 share=0: training loss is nan "
@@ -257,16 +320,22 @@ def _fixture_study(root: Path, tiny_model: Path) -> object:
     params = _study_params(tiny_model)
     params["study"]["targets"]["b"] = {"capability": "understanding", "source": params["study"]["targets"]["a"]
                                        ["source"] | {"name": "b", "keywords": ["reading comprehension"]}}
+    # z: a candidate its screen dropped (the model did not learn it): listed, in no table of scores or claim
+    params["study"]["targets"]["z"] = {"capability": "knowledge", "source": params["study"]["targets"]["a"]
+                                       ["source"] | {"name": "z"}}
     (root / "study").mkdir(parents=True, exist_ok=True)
     (root / "study" / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_section("study", root / "study" / "params.yaml")
-    coverage = {"a": 0.6, "a_uncovered": 0.0, "b": 0.25}
+    coverage = {"a": 0.6, "a_uncovered": 0.0, "b": 0.25, "z": 0.1}
     # Test score p(target, size, share): scarce data gains more; `a` gains more than `a_uncovered`.
     gain = {"a": 0.5, "a_uncovered": 0.125, "b": 0.25}
     for name in cfg.targets:
+        _screened(root, name, kept=name != "z", base=0.25 if name != "z" else 0.5, specialist=0.5)
         write_json(root / "study" / "prepared" / name / "stats.json",
                    {"splits": {"train": 24, "dev": 8, "test": 8}, "generalist_pool": 50,
                     "coverage": {"coverage": coverage[name], "tasks": 1, "pool_tasks": 2, "keywords": []}})
+        if name == "z":
+            continue  # its runs measured nothing
         for size in cfg.sizes:
             def row(p):  # 40 test examples, the first round(40 p) right
                 k = round(40 * p)
@@ -313,6 +382,9 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     assert found and [n for n in found if n not in known and n.lstrip("+") not in known
                       and n not in {"1", "2", "3", "95", "80"}] == []  # the claims' numbering, 95% intervals, 80% power
     rows = {(r["target"], r["size"]): r for r in agg["rows"]}
+    assert {t for t, _ in rows} == {"a", "a_uncovered", "b"}  # z was dropped by its screen
+    assert "| z | knowledge | 0.500 | 0.500 | +0.000 [-0.125, +0.125] | dropped |" in text
+    assert "| a | reasoning | 0.250 | 0.500 | +0.250 [+0.125, +0.375] | kept |" in text
     # a at 4 examples goes from 10/40 right (share 0) to 30/40 (share 0.5); b's searched share is the dev
     # fit's best, 0.5 (its scores rise linearly with the share).
     a4 = rows[("a", 4)]

@@ -136,6 +136,17 @@ def _study_prepare(args) -> None:
               f"coverage {c['coverage']:.3f} ({c['tasks']} of {c['pool_tasks']} pool tasks)")
 
 
+def _study_screen(args) -> None:
+    from mixtune import study
+    from mixtune.config import load_section
+
+    if not args.target:
+        raise MixtuneError("study screen: needs --target (one stage of study/dvc.yaml's matrix)")
+    cfg = load_section("study", args.study_params, keys=study.SCREEN_KEYS)
+    doc = study.screen_target(cfg, args.target)
+    print(f"study screen {args.target}: {'kept' if doc['kept'] else 'dropped'}: {doc['why']}")
+
+
 def _study_run(args) -> None:
     from mixtune import study
     from mixtune.config import load_section
@@ -144,6 +155,9 @@ def _study_run(args) -> None:
         raise MixtuneError("study run: needs --target and --size (one stage of study/dvc.yaml's matrix)")
     cfg = load_section("study", args.study_params, keys=study.RUN_KEYS)
     doc = study.run_target(cfg, args.target, args.size)
+    if doc.get("dropped"):
+        print(f"study run {args.target} n={args.size}: dropped by its screen, nothing to run")
+        return
     print(f"study run {args.target} n={args.size}: {len(doc['cells'])} cells in {study.results_path(args.target, args.size)}")
 
 
@@ -212,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="JSONL: one {id, task, prediction, probabilities} per record")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("study", help="the paper's experiments: study/dvc.yaml runs prepare, run and report")
+    p = sub.add_parser("study", help="the paper's experiments: study/dvc.yaml runs prepare, screen, run and report")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, func, help_ in (("prepare", _study_prepare, "a target's splits and generalist pool"),
+                                ("screen", _study_screen, "keep a target only if the model learns it"),
                                 ("run", _study_run, "every cell of one target and size"),
                                 ("report", _study_report, "reports/study.md from the results")):
         a = actions.add_parser(action, help=help_)

@@ -1,9 +1,11 @@
 """study: the paper's experiments ("Specialist or Generalist?", EMNLP 2023) on the offline testbed.
 
-Three DVC stages in study/dvc.yaml, over the axes of study/params.yaml:
+Four DVC stages in study/dvc.yaml, over the axes of study/params.yaml:
     study-prepare@<target>         the target's splits, and the generalist pool without the target, its near
                                    relatives (by name) and, to vary coverage, tasks with given keywords
-    study-run@<target>-<size>      every cell of that target and size: seeds x shares (x corruption rates):
+    study-screen@<target>          does the model learn the target at all? The pure specialist at the largest
+                                   size against the base model on dev: kept only beyond the interval
+    study-run@<target>-<size>      every cell of a kept target and size: seeds x shares (x corruption rates):
                                    mix -> train -> score on the dev and test subsets; plus the base model
     study-report                   reports/study.md with plots and tables (mixtune.study_report)
 
@@ -35,8 +37,13 @@ FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "jso
 
 # The keys of study/params.yaml's `study` section each stage reads (study/dvc.yaml declares the same).
 PREPARE_KEYS = ("prepare", "targets", "model", "train")  # examples are measured in the model's tokens
+SCREEN_KEYS = ("preset", "model", "train", "evaluate", "targets", "sizes", "seeds", "dev_examples", "test_examples")
 RUN_KEYS = ("preset", "model", "train", "evaluate", "targets", "sizes", "shares", "fixed_share", "seeds",
             "dev_examples", "test_examples", "corrupt_generalist", "corrupt_targets")
+
+
+def screen_path(target: str) -> Path:
+    return Path("study") / "screen" / f"{target}.json"
 
 
 def prepared_dir(target: str) -> Path:
@@ -189,6 +196,43 @@ class _Runner:
                     "train_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
+def screen_cells(cfg: StudyConfig, size: int | None = None) -> list[dict]:
+    """The base model and the pure specialist at the largest size and the first seed: the same cells study-run
+    measures (the same cache keys), so screening costs nothing a kept target would not pay anyway."""
+    return [{"base": True}, {"seed": cfg.seeds[0], "share": 0.0, "corrupt": 0.0, "size": size or max(cfg.sizes)}]
+
+
+def screen_target(cfg: StudyConfig, target: str, prepared: Path | None = None, out: Path | None = None,
+                  cache: Path | None = None) -> dict:
+    """Keep a target only if the model learns it: the pure specialist at the largest size beats the base model
+    on the dev subset beyond the 95% interval of their paired difference (bootstrap over dev examples). Dev, not
+    test: the test split is what the claims are measured on, and choosing targets by it would bias them. A
+    target the model does not learn makes every comparison a floor effect that can speak for no claim."""
+    _target(cfg, target)
+    prepared = prepared or prepared_dir(target)
+    if not (prepared / "generalist.jsonl").is_file():
+        raise MixtuneError(f"{prepared}: not prepared (run `mixtune study prepare --target {target}`)")
+    runner = _Runner(cfg, target, prepared)
+    cache = cache or repo_root() / ".cache" / "study" / "cells"
+    cache.mkdir(parents=True, exist_ok=True)
+    tags = {"mixtune.target": target, "mixtune.study.preset": cfg.preset}
+    with stage_run(f"study screen {target}", ["study"], {"target": target, "size": max(cfg.sizes)}, tags):
+        base, tuned = (runner.run(cell, cache) for cell in screen_cells(cfg))
+    diff = M.from_bits(tuned["dev"]["correct"]) - M.from_bits(base["dev"]["correct"])
+    resamples = M.resample_means(diff[None, None, :], cfg.evaluate.bootstrap, seed=0)[:, 0]
+    low, high = M.interval(resamples)
+    gain = float(diff.mean())
+    kept = low > 0
+    doc = {"target": target, "size": max(cfg.sizes), "seed": cfg.seeds[0], "dev_examples": len(diff),
+           "base": base["dev"]["score"], "specialist": tuned["dev"]["score"],
+           "gain": {"value": gain, "low": low, "high": high}, "kept": kept,
+           "why": (f"the pure specialist beats the base model on dev by {gain:+.3f} [{low:+.3f}, {high:+.3f}]"
+                   if kept else f"the pure specialist's dev gain over the base model, {gain:+.3f} [{low:+.3f}, "
+                   f"{high:+.3f}], holds 0: the model does not measurably learn it at this size")}
+    write_json(out or screen_path(target), doc)
+    return doc
+
+
 def _cell_name(cell: dict) -> str:
     if cell.get("base"):
         return "base model"
@@ -197,8 +241,9 @@ def _cell_name(cell: dict) -> str:
 
 
 def run_target(cfg: StudyConfig, target: str, size: int, prepared: Path | None = None,
-               out: Path | None = None) -> dict:
-    """All cells of one target at one size (the base model once per target), into study/results/."""
+               out: Path | None = None, screen: Path | None = None) -> dict:
+    """All cells of one target at one size (the base model once per target), into study/results/; a target
+    its screen dropped gets a result with no cells and the reason."""
     _target(cfg, target)
     if size not in cfg.sizes:
         raise MixtuneError(f"study: size {size} is not one of study.sizes {cfg.sizes}")
@@ -206,6 +251,14 @@ def run_target(cfg: StudyConfig, target: str, size: int, prepared: Path | None =
     if not (prepared / "generalist.jsonl").is_file():
         raise MixtuneError(f"{prepared}: not prepared (run `mixtune study prepare --target {target}`)")
     out = out or results_path(target, size)
+    screened = screen or screen_path(target)
+    if not screened.is_file():
+        raise MixtuneError(f"{screened}: no such file (run `mixtune study screen --target {target}` first)")
+    verdict = json.loads(screened.read_text())
+    if not verdict["kept"]:  # nothing to run: the report lists the target with its screen result
+        doc = {"target": target, "size": size, "run_id": None, "dropped": verdict["why"], "cells": []}
+        write_json(out, doc)
+        return doc
     runner = _Runner(cfg, target, prepared)
     cache = repo_root() / ".cache" / "study" / "cells"
     cache.mkdir(parents=True, exist_ok=True)

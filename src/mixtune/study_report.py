@@ -22,7 +22,7 @@ from mixtune import metrics as M
 from mixtune.config import StudyConfig
 from mixtune.errors import MixtuneError
 from mixtune.files import atomic_file
-from mixtune.study import prepared_dir, results_path
+from mixtune.study import prepared_dir, results_path, screen_path
 
 CONDITIONS = ("specialist", "fixed", "searched")
 LABELS = {"base": "base model (no tuning)", "specialist": "specialist only",
@@ -134,8 +134,11 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     targets, rows, samples, seconds = {}, [], {}, {}
     for name, target in cfg.targets.items():
         stats = _load(root / prepared_dir(name) / "stats.json")
+        screen = _load(root / screen_path(name))
         targets[name] = {"capability": target.capability, "coverage": stats["coverage"],
-                         "splits": stats["splits"], "pool": stats["generalist_pool"]}
+                         "splits": stats["splits"], "pool": stats["generalist_pool"], "screen": screen}
+        if not screen["kept"]:
+            continue  # the model does not learn it: listed with its screen, in no claim
         for size in cfg.sizes:
             doc = _load(root / results_path(name, size))
             row, s = _cell_summary(cfg, doc, resamples)
@@ -144,6 +147,7 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
             rows.append(row)
             samples[(name, size)] = s
     small, large = min(cfg.sizes), max(cfg.sizes)
+    kept = {n: t for n, t in cfg.targets.items() if targets[n]["screen"]["kept"]}
 
     def mean_of(keys: list[tuple[str, int]], what: str) -> tuple[np.ndarray, float]:
         """The mean of `what` over (target, size) cells: its resamples and its point value."""
@@ -155,10 +159,10 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     # Claim 1: coverage (the controlled pair: the same target with and without its related tasks in the pool)
     # and scarcity (the gain at the smallest size against the largest, over all targets).
     parts = []
-    pairs = [(n, t.pool_exclude_keywords) for n, t in cfg.targets.items() if t.pool_exclude_keywords]
+    pairs = [(n, t.pool_exclude_keywords) for n, t in kept.items() if t.pool_exclude_keywords]
     for low_name, _ in pairs:
-        high_name = next((n for n, t in cfg.targets.items() if not t.pool_exclude_keywords
-                          and t.source == cfg.targets[low_name].source), None)
+        high_name = next((n for n, t in kept.items() if not t.pool_exclude_keywords
+                          and t.source == kept[low_name].source), None)
         if high_name is None:
             continue
         hi, hp = mean_of([(high_name, s) for s in cfg.sizes], "gain_fixed")
@@ -167,8 +171,8 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
                            f"the gain is larger with the related tasks in the pool (coverage "
                            f"{targets[high_name]['coverage']['coverage']:.3f} against "
                            f"{targets[low_name]['coverage']['coverage']:.3f})", hi - lo, hp - lp))
-    if small != large:
-        names = list(cfg.targets)
+    names = list(kept)
+    if small != large and names:
         sv, sp = mean_of([(n, small) for n in names], "gain_fixed")
         lv, lp2 = mean_of([(n, large) for n in names], "gain_fixed")
         parts.append(_part(f"scarcity: {small} against {large} examples",
@@ -178,7 +182,7 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     # Claim 2: generalist data helps understanding and reasoning targets (gain at the fixed share, all sizes).
     parts = []
     for cap in ("understanding", "reasoning"):
-        keys = [(n, s) for n, t in cfg.targets.items() if t.capability == cap and not t.pool_exclude_keywords
+        keys = [(n, s) for n, t in kept.items() if t.capability == cap and not t.pool_exclude_keywords
                 for s in cfg.sizes]
         if keys:
             v, p = mean_of(keys, "gain_fixed")
@@ -189,7 +193,7 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     parts = []
     for name in cfg.corrupt_targets:
         key = (name, large)
-        if "corrupt_drop" not in samples[key]:
+        if "corrupt_drop" not in samples.get(key, {}):  # dropped by its screen, or no corruption cells
             continue
         row = next(r for r in rows if (r["target"], r["size"]) == key)
         c = row["corruption"]
@@ -201,7 +205,7 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     claims["knowledge"] = {"parts": parts, "verdict": _verdict(parts)}
     # A target whose every tuned score holds the base model's score in its interval learned nothing measurable:
     # its gains cannot speak for or against a claim.
-    floor = [n for n in cfg.targets if all(r[c]["low"] <= r["base"]["value"] <= r[c]["high"]
+    floor = [n for n in kept if all(r[c]["low"] <= r["base"]["value"] <= r[c]["high"]
                                            for r in rows if r["target"] == n for c in CONDITIONS)]
     return {"preset": cfg.preset, "note": cfg.note, "floor": floor, "powered": POWERED, "model": cfg.model.base, "sizes": cfg.sizes,
             "shares": cfg.shares, "fixed_share": cfg.fixed_share, "seeds": cfg.seeds,
@@ -370,6 +374,15 @@ def render(agg: dict, images: dict[str, str]) -> str:
         out += ["", f"At this scale the model learned nothing measurable on {', '.join(agg['floor'])}: every tuned "
                 "score's interval holds the base model's score. Parts that rest on these targets are floor effects, "
                 "not evidence for or against a claim."]
+    out += ["", "## Screen: does the model learn each target?", "",
+            "Every candidate target, tuned as the pure specialist at the largest size (first seed) against the base "
+            "model, on dev. Only a target the model learns (the gain's interval above zero) can speak for or "
+            "against a claim; the others are dropped before the grid runs.", "",
+            "| target | capability | base | specialist | gain | kept? |", "|---|---|---|---|---|---|"]
+    for name, t in agg["targets"].items():
+        sc = t["screen"]
+        out.append(f"| {name} | {t['capability'] or 'narrow task'} | {sc['base']:.3f} | {sc['specialist']:.3f} | "
+                   f"{_iv(sc['gain'], True)} | {'kept' if sc['kept'] else 'dropped'} |")
     out += ["", "## Targets", "", "| target | capability | train / dev / test | pool | coverage | pool tasks "
             "covered |", "|---|---|---|---|---|---|"]
     for name, t in agg["targets"].items():
