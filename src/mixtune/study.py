@@ -196,14 +196,13 @@ class _Runner:
                     "train_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
-def screen_cells(cfg: StudyConfig, size: int | None = None) -> list[dict]:
+def screen_cells(cfg: StudyConfig) -> list[dict]:
     """The base model and the pure specialist at the largest size and the first seed: the same cells study-run
     measures (the same cache keys), so screening costs nothing a kept target would not pay anyway."""
-    return [{"base": True}, {"seed": cfg.seeds[0], "share": 0.0, "corrupt": 0.0, "size": size or max(cfg.sizes)}]
+    return [{"base": True}, {"seed": cfg.seeds[0], "share": 0.0, "corrupt": 0.0, "size": max(cfg.sizes)}]
 
 
-def screen_target(cfg: StudyConfig, target: str, prepared: Path | None = None, out: Path | None = None,
-                  cache: Path | None = None) -> dict:
+def screen_target(cfg: StudyConfig, target: str, prepared: Path | None = None, out: Path | None = None) -> dict:
     """Keep a target only if the model learns it: the pure specialist at the largest size beats the base model
     on the dev subset beyond the 95% interval of their paired difference (bootstrap over dev examples). Dev, not
     test: the test split is what the claims are measured on, and choosing targets by it would bias them. A
@@ -213,7 +212,7 @@ def screen_target(cfg: StudyConfig, target: str, prepared: Path | None = None, o
     if not (prepared / "generalist.jsonl").is_file():
         raise MixtuneError(f"{prepared}: not prepared (run `mixtune study prepare --target {target}`)")
     runner = _Runner(cfg, target, prepared)
-    cache = cache or repo_root() / ".cache" / "study" / "cells"
+    cache = repo_root() / ".cache" / "study" / "cells"
     cache.mkdir(parents=True, exist_ok=True)
     tags = {"mixtune.target": target, "mixtune.study.preset": cfg.preset}
     with stage_run(f"study screen {target}", ["study"], {"target": target, "size": max(cfg.sizes)}, tags):
