@@ -121,16 +121,16 @@ def main() -> None:
     speedup = tps["mixtune"] / tps["baseline"]
     mfu = {k: v * 4 * n_params / ceiling for k, v in tps.items()}
     kind = "short" if args.short else "mix"
-    result = {"steps": args.steps, "runs": runs, "tokens_per_second": tps, "speedup": speedup,
+    result = {"examples": kind, "steps": args.steps, "runs": runs, "tokens_per_second": tps, "speedup": speedup,
               "target_mfu": TARGET_MFU[kind], "bf16_matmul_gflops": ceiling / 1e9, "params": n_params, "mfu": mfu,
               "ceiling_tokens_per_second": ceiling / (4 * n_params), "precision": prec}
-    result["examples"] = kind
     write_json(RESULTS_SHORT if args.short else RESULTS, result)
     print(f"\n{'':10}{'tokens/s':>10}{'MFU':>8}\n" + "\n".join(
         f"{k:10}{tps[k]:>10.0f}{mfu[k]:>8.1%}" for k in tps))
     print(f"speedup {speedup:.2f}x over the baseline; bf16 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s "
           f"= {result['ceiling_tokens_per_second']:.0f} tokens/s for {n_params / 1e6:.1f}M params")
     print("PASS" if mfu["mixtune"] >= TARGET_MFU[kind] else f"FAIL: MFU under {TARGET_MFU[kind]:.0%}")
+
 
 if __name__ == "__main__":
     main()
