@@ -196,9 +196,9 @@ def test_tiny_study_end_to_end(tiny_study, cli):
             assert rc == 0, err
     docs = {(t, n): json.loads((root / "study" / "results" / f"{t}-n{n}.json").read_text())
             for t in ("a", "a_uncovered") for n in (4, 8)}
-    # 1 base + 2 seeds x 3 shares; the corrupted cells (1 rate x 2 seeds) only for `a` at the largest size.
+    # 1 base + 2 seeds x 3 shares; the corrupted cells (1 rate x 2 seeds) only for `a`, at every size.
     assert {k: len(d["cells"]) for k, d in docs.items()} == \
-           {("a", 4): 7, ("a", 8): 9, ("a_uncovered", 4): 7, ("a_uncovered", 8): 7}
+           {("a", 4): 9, ("a", 8): 9, ("a_uncovered", 4): 7, ("a_uncovered", 8): 7}
     cells = [c for c in docs[("a", 8)]["cells"] if not c.get("base")]
     # share r of n_s=8: round(8 r / (1 - r)) generalist examples; corruption 1.0 makes all 8 wrong.
     assert sorted((c["share"], c["corrupt"], c["generalist_size"], c["corrupted"]) for c in cells) == \
@@ -305,7 +305,7 @@ def test_a_diverging_cell_is_one_line_and_leaves_no_result(tiny_study, cli, tiny
     assert cli("study", "prepare", "--target", "a")[0] == 0
     _screened(root, "a")
     rc, out, err = cli("study", "run", "--target", "a", "--size", "4")
-    assert rc == 1 and "study a base model [1/7]" in out
+    assert rc == 1 and "study a base model [1/9]" in out  # 1 base + 2 seeds x (3 shares + 1 corrupted)
     assert err.strip().splitlines()[-1] == ("mixtune study: error: study: a n=4 seed=0 share=0: training loss is nan "
                                             "at step 4; lower train.learning_rate or check the data")
     assert not (root / "study" / "results").exists()
@@ -415,8 +415,11 @@ def test_presets_validate():
     assert (cpu.preset, paper.preset) == ("cpu", "paper")
     # Each capability has a target, and one target is also run with its coverage removed (cpu).
     assert {t.capability for t in cpu.targets.values()} == {"understanding", "reasoning", "knowledge", None}
-    assert [n for n, t in cpu.targets.items() if t.pool_exclude_keywords] == ["fallacy_uncovered"]
-    assert len(cpu.seeds) >= 3 and len(paper.seeds) >= 3 and paper.sizes == [64, 256, 1024]
+    assert [n for n, t in cpu.targets.items() if t.pool_exclude_keywords] == ["arithmetic_uncovered"]
+    assert len(cpu.seeds) >= 2 and len(paper.seeds) >= 3 and paper.sizes == [64, 256, 1024]
+    # The knowledge targets are the ones corrupted, at both sizes (cells), and the cpu preset's sizes span 8x.
+    assert {cpu.targets[t].capability for t in cpu.corrupt_targets} == {"knowledge"}
+    assert max(cpu.sizes) >= 8 * min(cpu.sizes)
 
 
 def test_minimum_detectable_effect_by_hand():

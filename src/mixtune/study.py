@@ -104,11 +104,12 @@ def _target(cfg: StudyConfig, name: str):
 
 def cells(cfg, target: str, size: int) -> list[dict]:
     """Every cell of one target and size, in the order they run: seed by seed, shares ascending, then the
-    corruption rates (at the largest size and the fixed share, for the corrupt_targets)."""
+    corruption rates (at the fixed share, for the corrupt_targets: at every size, since the paper's claim is
+    about the amount of task data too)."""
     out = []
     for seed in cfg.seeds:
         out += [{"seed": seed, "share": share, "corrupt": 0.0} for share in sorted(cfg.shares)]
-        if target in cfg.corrupt_targets and size == max(cfg.sizes):
+        if target in cfg.corrupt_targets:
             out += [{"seed": seed, "share": cfg.fixed_share, "corrupt": c} for c in cfg.corrupt_generalist]
     return out
 

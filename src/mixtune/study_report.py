@@ -191,12 +191,11 @@ def aggregate(cfg: StudyConfig, root: Path = Path(".")) -> dict:
     claims["capability"] = {"parts": parts, "verdict": _verdict(parts)}
     # Claim 3: for knowledge targets, corrupted generalist data lowers the score, below the specialist's.
     parts = []
-    for name in cfg.corrupt_targets:
-        key = (name, large)
+    for key in [(name, size) for name in cfg.corrupt_targets for size in cfg.sizes]:
         if "corrupt_drop" not in samples.get(key, {}):  # dropped by its screen, or no corruption cells
             continue
         row = next(r for r in rows if (r["target"], r["size"]) == key)
-        c = row["corruption"]
+        c, name = row["corruption"], f"{key[0]} at {key[1]} examples"
         parts.append(_part(f"corruption lowers {name}", f"the score falls from corruption 0 to {c[-1]['rate']:g}",
                            samples[key]["corrupt_drop"], c[0]["value"] - c[-1]["value"]))
         parts.append(_part(f"corrupted data hurts {name}", f"with a share {c[-1]['rate']:g} of the generalist "
@@ -397,11 +396,15 @@ def render(agg: dict, images: dict[str, str]) -> str:
         out.append(f"| {r['target']} | {r['size']} | {r['base']['value']:.3f} | {_iv(r['specialist'])} | "
                    f"{_iv(r['fixed'])} | {_iv(r['searched'])} ({r['searched_share']:g}) | "
                    f"{_iv(r['gain_fixed'], True)} | {_iv(r['gain_searched'], True)} |")
-    out += ["", "The searched share is the one the mixing law fitted on the dev split predicts (the nearest share "
-            "run); test never chooses it.", "", "## Mixing law", "",
-            "score(r) = a + b r + c r², fitted to the mean score at each share; r̂ is its maximum on the shares' "
-            "range, with a 95% interval from refitting on bootstrap resamples.", "",
-            "| target | size | r̂ on dev | r̂ on test | predicted best test score |", "|---|---|---|---|---|"]
+    if len(agg["shares"]) < 3:  # a quadratic needs three shares (metrics.fit_share)
+        out += ["", "The searched share is the share run with the higher dev score (two shares fit no mixing law); "
+                "test never chooses it."]
+    else:
+        out += ["", "The searched share is the one the mixing law fitted on the dev split predicts (the nearest "
+                "share run); test never chooses it.", "", "## Mixing law", "",
+                "score(r) = a + b r + c r², fitted to the mean score at each share; r̂ is its maximum on the "
+                "shares' range, with a 95% interval from refitting on bootstrap resamples.", "",
+                "| target | size | r̂ on dev | r̂ on test | predicted best test score |", "|---|---|---|---|---|"]
     for r in agg["rows"]:
         d, t = r["dev_fit"], r["test_fit"]
         if d and t:
