@@ -383,6 +383,10 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
                       and n not in {"1", "2", "3", "95", "80"}] == []  # the claims' numbering, 95% intervals, 80% power
     rows = {(r["target"], r["size"]): r for r in agg["rows"]}
     assert {t for t, _ in rows} == {"a", "a_uncovered", "b"}  # z was dropped by its screen
+    # The plots draw the kept targets only: one panel each (a dropped target has no rows to draw).
+    figs = study_report.figures(agg)
+    assert [ax.get_title() for ax in figs["score_vs_size"].axes] == \
+           ["a (reasoning)", "a_uncovered (reasoning)", "b (understanding)"]
     assert "| z | knowledge | 0.500 | 0.500 | +0.000 [-0.125, +0.125] | dropped |" in text
     assert "| a | reasoning | 0.250 | 0.500 | +0.250 [+0.125, +0.375] | kept |" in text
     # a at 4 examples goes from 10/40 right (share 0) to 30/40 (share 0.5); b's searched share is the dev

@@ -254,7 +254,7 @@ def figures(agg: dict) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(agg["targets"])
+    names = [n for n in agg["targets"] if any(r["target"] == n for r in agg["rows"])]  # the screen's kept ones
     figs = {}
     # Score against specialist size, one panel per target, with and without generalist data.
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), sharey=True, squeeze=False)
