@@ -26,7 +26,7 @@ run: fetch
 test: fetch
 	$(BIN)/pytest -q
 
-# The paper's experiments (study/params.yaml: the `cpu` preset, under an hour here) -> reports/study.md
+# The paper's experiments (study/params.yaml: the `cpu` preset, within 100 minutes here) -> reports/study.md
 study: fetch
 	$(BIN)/dvc repro study/dvc.yaml
 
