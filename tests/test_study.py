@@ -347,9 +347,9 @@ def _fixture_study(root: Path, tiny_model: Path) -> object:
                     p = 0.25 + gain[name] * (share / 0.5) * (2 if size == 4 else 1) / 2
                     cells.append({"seed": seed, "share": share, "corrupt": 0.0, "size": size, "dev": row(p),
                                   "test": row(p), "run_id": f"{name}-{size}-{seed}-{share}", "seconds": 6.0})
-                if name == "a" and size == 8:
+                if name == "a":  # corrupted at both sizes
                     cells.append({"seed": seed, "share": 0.5, "corrupt": 1.0, "size": size, "dev": row(0.125),
-                                  "test": row(0.125), "run_id": f"c-{seed}", "seconds": 6.0})
+                                  "test": row(0.125), "run_id": f"c-{size}-{seed}", "seconds": 6.0})
             write_json(root / "study" / "results" / f"{name}-n{size}.json",
                        {"target": name, "size": size, "run_id": None, "cells": cells})
     return cfg
@@ -403,9 +403,12 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     assert (round(cov["value"], 6), cov["status"], scarce["status"]) == (0.2875, "confirmed", "confirmed")
     assert [p["name"] for p in claims["capability"]["parts"]] == ["understanding: b", "reasoning: a"]
     assert claims["coverage"]["verdict"] == claims["capability"]["verdict"] == "confirmed"
-    # Corruption 1.0 (a, 8 examples) scores 5/40, against the clean mix's 20/40 and the specialist's 10/40.
-    drop, hurt = claims["knowledge"]["parts"]
-    assert (drop["value"], hurt["value"]) == (0.375, 0.125)
+    # Corruption 1.0 scores 5/40 at both sizes, against the clean mix's 30/40 (4 examples) and 20/40 (8), and
+    # the specialist's 10/40: a drop and a hurt part per size.
+    parts = claims["knowledge"]["parts"]
+    assert [(p["name"], p["value"]) for p in parts] == [
+        ("corruption lowers a at 4 examples", 0.625), ("corrupted data hurts a at 4 examples", 0.125),
+        ("corruption lowers a at 8 examples", 0.375), ("corrupted data hurts a at 8 examples", 0.125)]
     assert claims["knowledge"]["verdict"] == "confirmed"
     # a_uncovered's specialist scores equal the base model's 10/40 and its best mix (15/40) stays within noise
     # of it: the report calls it a floor effect.
