@@ -59,7 +59,18 @@ def test_the_study_is_no_dvc_output():
             "register/result.json"} <= set(outs)
 
 
-def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, tiny_model):
+def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, tiny_model, monkeypatch):
+    import time
+
+    import mlflow
+
+    log_artifacts = mlflow.log_artifacts
+
+    def slow_log_artifacts(*args, **kw):  # each trial logs its adapter: 1 s more of MLflow per trial
+        time.sleep(1.0)
+        return log_artifacts(*args, **kw)
+
+    monkeypatch.setattr(mlflow, "log_artifacts", slow_log_artifacts)
     best = search.run(*sp.search_sections(project))
     study = sp.study(project)
     trials = study.trials
@@ -114,6 +125,8 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
     parent, nested = runs_of(parent_id)
     assert parent.data.tags["mlflow.note.content"] == best["answer"]
     assert parent.data.metrics["answer.recommended_share"] == share
+    # the stage's MLflow seconds count the trials' calls (bench_stages reads them beside the run's wall time)
+    assert parent.data.metrics["mlflow_overhead_seconds"] >= 3 * 1.0
     assert sorted(nested) == [0, 1, 2]
     for n, run in nested.items():
         assert run.info.run_id == trials[n].user_attrs["mlflow_run_id"] and run.info.status == "FINISHED"

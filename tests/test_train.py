@@ -494,3 +494,44 @@ def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path
         assert a == pytest.approx(e, abs=1e-5)
     # what the search scored before: bf16's log-likelihoods
     assert max(abs(x - y) for w, e in zip(through_wrapper, as_evaluated) for x, y in zip(w, e)) > 1e-4
+
+
+def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, monkeypatch, tiny_model):
+    """bf16 on a CPU holds the frozen Linear weights in bf16 (autocast's rounding, done once instead of at every
+    use): the same losses and the same adapter, bit for bit, as autocast over fp32 weights, and a search trial
+    scores in fp32 with the original weights. Exact equality is the justified tolerance: both paths multiply
+    the same bf16 numbers. Checked by breaking it: casting the tied embedding too moved the losses."""
+    import torch
+
+    from mixtune.files import read_jsonl
+    from mixtune.model import load_tokenizer
+
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    examples = read_jsonl(tmp_path / "mix" / "train.jsonl")
+    tokenizer = load_tokenizer(str(tiny_model))
+    cfg = train_config(max_steps=6, batch_size=8, micro_batch=4, logging_steps=1)
+    runs_ = {}
+    for held in (True, False):
+        torch.manual_seed(0)
+        trainer = train.tuner(cfg, str(tiny_model), examples, tmp_path / f"out-{held}", "bf16", tokenizer)
+        weights = trainer.model.__dict__[train.FP32_HELD]
+        linear = trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
+        assert len(weights) == 7 * len(trainer.model.base_model.model.model.layers)  # the 7 projections a layer
+        assert linear.dtype == torch.bfloat16
+        assert trainer.model.get_input_embeddings().weight.dtype == torch.float32  # tied to the LM head: kept
+        if not held:  # autocast over the fp32 weights, as before
+            for w, fp32, _ in weights:
+                w.data = fp32
+            trainer.model.__dict__[train.FP32_HELD] = []
+        trainer.train()
+        with train.scoring(trainer.model) as model:
+            scored_dtype = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.dtype
+        assert scored_dtype == torch.float32
+        lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+        runs_[held] = [e["loss"] for e in trainer.state.log_history if "loss" in e], lora
+    (held_losses, held_lora), (plain_losses, plain_lora) = runs_[True], runs_[False]
+    assert len(held_losses) == 6 and held_losses[-1] < held_losses[0]
+    assert held_losses == plain_losses
+    assert all(torch.equal(held_lora[k], plain_lora[k]) for k in plain_lora)

@@ -32,7 +32,7 @@ from mixtune.errors import MixtuneError
 from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
 from mixtune.model import load_tokenizer, precision, release_memory, resolve_base
 from mixtune.search_storage import Claim, count, open_study, parent_run, share_of, trial_run
-from mixtune.tracking import repo_root, stage_run
+from mixtune.tracking import Timer, repo_root, stage_run
 
 MIX_KEYS = ("specialist_size", "seed")  # of params.yaml's sections, the keys the search reads (dvc.yaml: the same)
 SCORE_KEYS = ("batch_size", "max_new_tokens", "bootstrap")
@@ -57,8 +57,10 @@ def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_c
 class _Trials:
     """What every trial of one study needs, loaded once per process; `__call__` is Optuna's objective."""
 
-    def __init__(self, cfg, mix_cfg, train_cfg, eval_cfg, base, dev, probe, metric, prepared, study, claim, parent):
+    def __init__(self, cfg, mix_cfg, train_cfg, eval_cfg, base, dev, probe, metric, prepared, study, claim, parent,
+                 timer: Timer):
         self.cfg, self.mix_cfg, self.train_cfg, self.eval_cfg = cfg, mix_cfg, train_cfg, eval_cfg
+        self.timer = timer  # the seconds this process spends in MLflow calls (the stage's run logs them)
         self.base, self.dev, self.probe, self.metric = base, dev, probe, metric
         self.prepared, self.claim, self.parent = prepared, claim, parent
         self.size = study.user_attrs["specialist_size"]
@@ -85,7 +87,7 @@ class _Trials:
         self.numbers.append(trial.number)
         print(f"search n={self.size}: trial {trial.number} r={share:.2f}: training", flush=True)
         folder = self.folder / str(trial.number)
-        with trial_run(self.parent, trial, share, self.size):
+        with trial_run(self.parent, trial, share, self.size, self.timer):
             try:
                 return self._run(trial, share, folder)
             finally:
@@ -99,18 +101,21 @@ class _Trials:
         manifest = mix.run(MixConfig(specialist_size=self.size, generalist_share=share, seed=self.mix_cfg.seed,
                                      corrupt_generalist=0.0), self.prepared, folder / "mix")
         trial.set_user_attr("mix_sha256", manifest["sha256"])
-        mlflow.log_dict(manifest, "mix_manifest.json")
-        mlflow.log_params({"generalist_size": manifest["generalist_size"], "total": manifest["total"]})
-        mlflow.set_tag("mixtune.mix_sha256", manifest["sha256"])
+        with self.timer():
+            mlflow.log_dict(manifest, "mix_manifest.json")
+            mlflow.log_params({"generalist_size": manifest["generalist_size"], "total": manifest["total"]})
+            mlflow.set_tag("mixtune.mix_sha256", manifest["sha256"])
         # An interrupted trial is FAIL, never resumed: no checkpoints.
         trainer = train.tuner(self.train_cfg, self.base, read_jsonl(folder / "mix" / "train.jsonl"),
-                              folder / "checkpoints", self.prec, self.tokenizer, callbacks=[self._pruning(trial)])
+                              folder / "checkpoints", self.prec, self.tokenizer, callbacks=[self._pruning(trial)],
+                              timer=self.timer)
         try:
             trainer.train()
         finally:  # a pruned trial's compute counts too
             tokens = train.trained_tokens(trainer)
             trial.set_user_attr("trained_tokens", tokens)
-            mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
+            with self.timer():
+                mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
             release_memory()  # what training freed, before scoring and the next trial
         model = trainer.model
         with train.scoring(model):
@@ -126,13 +131,14 @@ class _Trials:
             metrics |= {f"dev.{self.metric}.{t}": v for t, v in per_task.items()}
         if probe:
             metrics["probe_accuracy"] = float(M.from_bits(probe).mean())
-        mlflow.log_metrics(metrics)
-        mlflow.set_tag("mlflow.note.content", f"share {share:.2f}: dev {self.metric} {value:.3f} "
-                                              f"[{cmp['low']:.3f}, {cmp['high']:.3f}]")
         train.save_adapter(model, self.tokenizer, folder / "adapter")
-        mlflow.log_artifacts(str(folder / "adapter"), "adapter")  # for a study whose trials ran on other machines
-        _set_attrs(trial, {"adapter": str(folder / "adapter"),
-                           "adapter_uri": f"runs:/{mlflow.active_run().info.run_id}/adapter"})
+        with self.timer():
+            mlflow.log_metrics(metrics)
+            mlflow.set_tag("mlflow.note.content", f"share {share:.2f}: dev {self.metric} {value:.3f} "
+                                                  f"[{cmp['low']:.3f}, {cmp['high']:.3f}]")
+            mlflow.log_artifacts(str(folder / "adapter"), "adapter")  # for a study whose trials ran elsewhere
+            run_id = mlflow.active_run().info.run_id
+        _set_attrs(trial, {"adapter": str(folder / "adapter"), "adapter_uri": f"runs:/{run_id}/adapter"})
         return value
 
     def _pruning(self, trial):
@@ -147,6 +153,7 @@ class _Trials:
         subset = self.dev[: self.cfg.dev_examples]
         scorer, every, metric, predict = score.Scorer(subset, self.metric), self.cfg.eval_every, self.metric, \
             self.predict
+        timer = self.timer
         prunable = not trial.user_attrs.get("baseline")
 
         class DevPruning(TrainerCallback):
@@ -156,7 +163,8 @@ class _Trials:
                 with train.scoring(model):
                     value = scorer.value(scorer.encode(predict(model, subset)))[0]
                 trial.report(value, state.global_step)
-                mlflow.log_metric(f"dev_subset.{metric}", value, step=state.global_step)
+                with timer():
+                    mlflow.log_metric(f"dev_subset.{metric}", value, step=state.global_step)
                 if prunable and trial.should_prune():
                     raise optuna.TrialPruned(f"dev {metric} {value:.3f} on {len(subset)} examples at step "
                                              f"{state.global_step}")
@@ -405,18 +413,20 @@ def run(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_cfg: ModelConf
         study = open_study(cfg, name, size, claim, baselines)
         study.set_user_attr("tasks", "+".join(tasks))
         tags = {"mixtune.study": name, "mixtune.search.n_trials": str(cfg.n_trials), "mixtune.metric": metric}
-        parent = parent_run(study, claim, tasks, definition, tags)
+        timer = Timer()
+        parent = parent_run(study, claim, tasks, definition, tags, timer)
         objective = _Trials(cfg, mix_cfg, train_cfg, eval_cfg, base, dev, probe, metric, prepared, study, claim,
-                            parent)
+                            parent, timer)
         objective.base_probe(study)
         if worker:
             _optimize(study, objective, cfg, claim)
             started[name] = objective.numbers
             continue
-        with stage_run("search", tasks, {}, tags, run_id=parent.run_id):
+        with stage_run("search", tasks, {}, tags, timer, run_id=parent.run_id):
             _optimize(study, objective, cfg, claim)
             summary = recommend(study, objective.scorer, cfg, eval_cfg.bootstrap)
-            _log_summary(study, summary)
+            with timer():
+                _log_summary(study, summary)
         summaries[size] = summary
         rows += trial_rows(study)
     if worker:

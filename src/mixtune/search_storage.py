@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixtune.errors import MixtuneError, first_line
-from mixtune.tracking import repo_root, stage_run, tracking_uri, with_exp_name
+from mixtune.tracking import Timer, repo_root, stage_run, tracking_uri, with_exp_name
 
 HEARTBEAT, GRACE = 10, 60  # seconds; GRACE covers a pause of the heartbeat thread under a long forward pass
 
@@ -178,7 +178,7 @@ class Parent:
     experiment_id: str
 
 
-def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict) -> Parent:
+def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict, timer: Timer) -> Parent:
     """The study's MLflow run: made once, by whichever process comes first, and kept across re-runs (its id is
     a study attribute), so the UI shows one study with all its trials nested under it."""
     import mlflow
@@ -193,7 +193,7 @@ def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict) 
                 run = mlflow.get_run(run_id)
         if run is None:
             label = with_exp_name(f"n={study.user_attrs['specialist_size']}")
-            with stage_run("search", tasks, params, tags, label=label) as run:
+            with stage_run("search", tasks, params, tags, timer, label=label) as run:
                 pass
             study.set_user_attr("mlflow_run_id", run.info.run_id)
     finally:
@@ -202,24 +202,26 @@ def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict) 
 
 
 @contextlib.contextmanager
-def trial_run(parent: Parent, trial, share: float, size: int):
+def trial_run(parent: Parent, trial, share: float, size: int, timer: Timer):
     """A trial's nested MLflow run; it ends FINISHED (complete or pruned), FAILED or KILLED, as the trial."""
     import mlflow
     import optuna
 
-    run = mlflow.start_run(experiment_id=parent.experiment_id, run_name=f"trial {trial.number} r={share:.2f}", nested=True,
-                           parent_run_id=parent.run_id,
-                           tags={"mixtune.stage": "search-trial", "mixtune.study": trial.study.study_name,
-                                 "mixtune.trial": str(trial.number), "mixtune.worker": trial.user_attrs["worker"]})
+    with timer():
+        run = mlflow.start_run(experiment_id=parent.experiment_id, run_name=f"trial {trial.number} r={share:.2f}", nested=True,
+                               parent_run_id=parent.run_id,
+                               tags={"mixtune.stage": "search-trial", "mixtune.study": trial.study.study_name,
+                                     "mixtune.trial": str(trial.number), "mixtune.worker": trial.user_attrs["worker"]})
+        mlflow.log_params({"trial": trial.number, "generalist_share": share, "specialist_size": size})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    mlflow.log_params({"trial": trial.number, "generalist_share": share, "specialist_size": size})
     state, status = "FAIL", "FAILED"
     try:
         yield run
         state, status = "COMPLETE", "FINISHED"
     except optuna.TrialPruned as e:
         state, status = "PRUNED", "FINISHED"
-        mlflow.set_tag("mixtune.pruned", str(e))
+        with timer():
+            mlflow.set_tag("mixtune.pruned", str(e))
         raise
     except KeyboardInterrupt:
         status = "KILLED"
@@ -227,8 +229,10 @@ def trial_run(parent: Parent, trial, share: float, size: int):
     except Exception as e:
         reason = first_line(e)
         trial.set_user_attr("error", reason)
-        mlflow.set_tag("mixtune.error", reason[:5000])
+        with timer():
+            mlflow.set_tag("mixtune.error", reason[:5000])
         raise
     finally:
-        mlflow.set_tag("mixtune.trial_state", state)
-        mlflow.end_run(status)
+        with timer():
+            mlflow.set_tag("mixtune.trial_state", state)
+            mlflow.end_run(status)

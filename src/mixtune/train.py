@@ -211,7 +211,33 @@ def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir:
     trainer = _trainer_class()(model=load_base(base), args=sft, train_dataset=dataset, processing_class=tokenizer,
                                peft_config=lora)
     trainer.micro_batch = cfg.micro_batch
+    if prec == "bf16" and not _cuda():
+        hold_frozen_bf16(trainer.model)
     return trainer
+
+
+FP32_HELD = "_mixtune_fp32_weights"  # on the model: (parameter, its fp32 tensor, its bf16 tensor) per frozen weight
+
+
+def hold_frozen_bf16(model) -> int:
+    """Hold the frozen Linear weights in bf16 for training: bf16 autocast casts each of them at every use, forward
+    and backward, and caches nothing (it caches only weights that require grad), so 106M weights were cast
+    several times a step (`copy_`/`_to_copy`, 17% of a default step in the profile). The cast is autocast's own
+    rounding, done once: the losses and the adapter are bit for bit those of autocast on fp32 weights (test_train).
+    Only Linear weights, the ones autocast would cast: the embedding (tied to the LM head here) and the norms stay
+    fp32, as does the residual stream; casting them too changed the losses by up to 0.018. The fp32 tensors are
+    kept for `scoring`, which runs in fp32 as evaluate does. Returns the number of weights held in bf16."""
+    import torch
+
+    tied = model.get_input_embeddings().weight
+    held = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear) and not w.requires_grad and w is not tied and w.dtype == torch.float32:
+            held.append((w, w.data, w.data.to(torch.bfloat16)))
+            w.data = held[-1][2]
+    model.__dict__[FP32_HELD] = held
+    return sum(w.numel() for w, _, _ in held)
 
 
 def tuner(cfg: TrainConfig, base: str, examples: list[dict], workdir: Path, prec: str, tokenizer, *,
@@ -234,16 +260,21 @@ def scoring(model):
     """The model being (or done being) trained, for the time it is scored, as evaluate and the served model
     score it: with bf16 or fp16, accelerate wraps the model's forward in autocast (kept as `_original_forward`);
     through that wrapper a search trial's dev answers and probe were bf16's (on the default, 4 of 50 probe
-    answers differed from the saved adapter's, scored in fp32 by evaluate). Training resumes with the wrapper."""
+    answers differed from the saved adapter's, scored in fp32 by evaluate). Frozen weights held in bf16 for
+    training (`hold_frozen_bf16`) are their fp32 originals while scoring. Training resumes as it was."""
     original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
-    if original is None:
-        yield model
-        return
-    model.forward = original
+    held = model.__dict__.get(FP32_HELD, ())
+    for w, fp32, _ in held:
+        w.data = fp32
+    if original is not None:
+        model.forward = original
     try:
         yield model
     finally:
-        model.forward = wrapped
+        if original is not None:
+            model.forward = wrapped
+        for w, _, bf16 in held:
+            w.data = bf16
 
 
 def trained_tokens(trainer) -> int:
