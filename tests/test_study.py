@@ -478,3 +478,21 @@ def test_verdicts():
     assert _verdict([part("contradicted"), part("confirmed"), part("contradicted")]) == \
         "mixed: 1 confirmed, 2 contradicted"
     assert _verdict([]) == "not tested"
+
+
+def test_a_report_on_results_another_clone_ran_is_written(tmp_path, tiny_model, monkeypatch, capsys):
+    """study/results is committed to git, and the runs its files name are in the MLflow store of the clone that
+    ran them: the report stage on another clone nests none of them and says so (it failed with a traceback)."""
+    from mixtune import study_report
+    from mixtune.files import write_json
+
+    cfg = _fixture_study(tmp_path, tiny_model)
+    results = sorted((tmp_path / "study" / "results").glob("*.json"))
+    for i, path in enumerate(results):
+        write_json(path, {**json.loads(path.read_text()), "run_id": f"{i:032x}"})  # in no store here
+    use_store(monkeypatch, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    study_report.run(cfg)
+    assert "Verdict at this scale" in (tmp_path / "reports" / "study.md").read_text()
+    assert len(results) == 6 and ("study report: 6 of 6 result files' runs are not in this MLflow "
+            "store") in capsys.readouterr().out

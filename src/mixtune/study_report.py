@@ -461,6 +461,18 @@ def _log(cfg: StudyConfig, agg: dict, out: Path) -> None:
         mlflow.log_metrics({f"{r['target']}.n{r['size']}.gain_fixed": r["gain_fixed"]["value"] for r in agg["rows"]})
         mlflow.log_artifact(str(out / "study.md"))
         mlflow.log_artifacts(str(out / "study"), "study")
+        from mlflow.exceptions import MlflowException
+
         client = mlflow.MlflowClient()
-        for child in (r["run_id"] for r in agg["rows"] if r["run_id"]):
-            client.set_tag(child, "mlflow.parentRunId", run.info.run_id)
+        children = [r["run_id"] for r in agg["rows"] if r["run_id"]]
+        elsewhere = 0
+        for child in children:
+            try:
+                client.set_tag(child, "mlflow.parentRunId", run.info.run_id)
+            except MlflowException as e:  # the results are git's; their runs are in the store that ran them
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                elsewhere += 1
+        if elsewhere:
+            print(f"study report: {elsewhere} of {len(children)} result files' runs are not in this MLflow store "
+                  "(they ran in another clone's); the report run is logged without them nested under it")
