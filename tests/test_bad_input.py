@@ -3,6 +3,7 @@ a non-zero exit; no traceback; nothing written."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -132,6 +133,160 @@ def test_bad_generalist_record_writes_nothing_either(tmp_path, cli):
     write_jsonl(tmp_path / "gen.jsonl", [{"instruction": "Do it.", "output": "ok"}, {"instruction": "Do it."}])
     gen = {"name": "gen", "kind": "file", "path": "gen.jsonl", "format": "alpaca"}
     prepare_fails(tmp_path, cli, None, [gen], "gen.jsonl:2:", "field 'output'", "missing")
+
+
+
+# --- records as they really come: CSV field counts and quotes, invisible text, data outside DVC -------------------
+
+CSV_LINES = [f"{r['text']},{r['label']}\n" for r in GOOD[:30]]  # 30 records, no commas or quotes in them
+CSV_GOOD = "".join(CSV_LINES)
+
+
+def test_csv_row_with_unquoted_commas(tmp_path, cli):
+    """More fields than the header: the text would be cut at its first comma, the rest shifted or dropped."""
+    (tmp_path / "spec.csv").write_text('text,label\n"two\nlines, quoted",a\n' + "".join(CSV_LINES[:5])
+                                       + "Hello, world, and more,b\n")
+    lines = (tmp_path / "spec.csv").read_text().splitlines()
+    assert lines[-1] == "Hello, world, and more,b"
+    prepare_fails(tmp_path, cli, spec_source("spec.csv"), None,
+                  f"mixtune prepare: error: spec.csv:{len(lines)}: 4 fields, but the header has 2 (text, label): "
+                  "quote a field that holds a comma")
+
+
+def test_csv_row_with_fewer_fields_than_the_header(tmp_path, cli):
+    (tmp_path / "spec.csv").write_text("text,label\n" + CSV_GOOD + "no label here\n")
+    prepare_fails(tmp_path, cli, spec_source("spec.csv"), None,
+                  "mixtune prepare: error: spec.csv:32: 1 field, but the header has 2 (text, label): give every "
+                  "column a value (an empty one still takes its comma)")
+
+
+def test_csv_quote_never_closed(tmp_path, cli):
+    """A stray quote at the start of a field swallowed the rest of the file into one field, silently."""
+    (tmp_path / "spec.csv").write_text("text,label\n" + "".join(CSV_LINES[:7]) + '"stray start,b\n'
+                                       + "".join(CSV_LINES[7:]))
+    prepare_fails(tmp_path, cli, spec_source("spec.csv"), None,
+                  "mixtune prepare: error: spec.csv:9: a quoted field opens here and is never closed (it "
+                  'runs to the end of the file): close its quote, or double a quote inside a quoted field ("")')
+
+
+def test_csv_stray_quote_closed_by_a_later_field(tmp_path, cli):
+    """The stray quote ends at the next quoted field, 3 records later: csv would return one record of three."""
+    (tmp_path / "spec.csv").write_text('text,label\n"stray start,b\nplain text,a\nmore text,c\n"quoted, text",c\n'
+                                       + CSV_GOOD)
+    prepare_fails(tmp_path, cli, spec_source("spec.csv"), None,
+                  "mixtune prepare: error: spec.csv:2: a quoted field opens here and has more text after its closing "
+                  'quote: close its quote, or double a quote inside a quoted field ("")')
+
+
+def test_csv_quoted_field_over_the_line_limit(tmp_path, cli, monkeypatch):
+    """A stray quote closed cleanly many lines later (`..."`, then a comma): a field over MAX_FIELD_LINES lines."""
+    from mixtune import sources
+
+    monkeypatch.setattr(sources, "MAX_FIELD_LINES", 5)
+    body = "\n".join(f"line {i} of one record" for i in range(5))  # lines 2-6: 5 lines, at the limit
+    (tmp_path / "spec.csv").write_text(f'text,label\n"{body}",a\n' + "".join(CSV_LINES[:10]) + '"stray,b\n'
+                                       + "".join(CSV_LINES[10:20]) + 'the end",a\n' + "".join(CSV_LINES[20:]))
+    prepare_fails(tmp_path, cli, spec_source("spec.csv"), None,
+                  "mixtune prepare: error: spec.csv:17: a quoted field opens here and runs over 5 lines: "
+                  'close its quote, or double a quote inside a quoted field ("")')
+
+
+def test_unknown_key_in_columns(tmp_path, cli):
+    write_jsonl(tmp_path / "spec.jsonl", GOOD)
+    prepare_fails(tmp_path, cli, spec_source(columns={"txt": "body", "label": "topic"}), None,
+                  "mixtune prepare: error: ", "params.yaml: prepare.specialist.0.columns: unknown key 'txt' "
+                  "(the classification format's columns: text, label)")
+
+
+def test_text_of_only_invisible_characters(tmp_path, cli):
+    write_jsonl(tmp_path / "spec.jsonl", [*GOOD[:4], {"text": "\u200b \ufeff\u200b\n", "label": "a"}, *GOOD[4:]])
+    prepare_fails(tmp_path, cli, None, None, "mixtune prepare: error: spec.jsonl:5: field 'text': only whitespace "
+                  "and invisible format characters (U+200B, U+FEFF)")
+
+
+UNVERSIONED = ("source 'spec': not versioned: outside data/ and every path a .dvc file tracks, so `dvc repro` "
+               "would not rerun when it changes and a clone could not reproduce the result: copy it under data/ "
+               "(cp {p} data/) and run `dvc add data`, or give it a .dvc file of its own (`dvc add {p}`, inside "
+               "the repository), or set prepare.allow_unversioned: true")
+
+
+@pytest.mark.parametrize("path", ["spec.jsonl", "../elsewhere/spec.jsonl", "data/../spec.jsonl"])
+def test_a_source_outside_the_data_dvc_versions(tmp_path, cli, path):
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)  # a DVC project: its data is data/ and what a .dvc file tracks
+    (root / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    write_jsonl(root / path, GOOD)
+    params = write_params(root / "params.yaml", prepare={"specialist": [spec_source(path)]})
+    rc, stdout, err = cli("--params", params, "prepare", "--root", root, "--out", root / "prepared")
+    assert (rc, stdout, files_under(root / "prepared")) == (1, "", [])
+    assert one_line(err) == f"mixtune prepare: error: {path}: " + UNVERSIONED.format(p=path)
+
+
+def test_a_source_dvc_versions_is_read(tmp_path, cli):
+    """Under data/, or tracked by a .dvc file of its own (here: a folder beside data/)."""
+    (tmp_path / ".dvc").mkdir()
+    write_jsonl(tmp_path / "data" / "spec.jsonl", GOOD)
+    write_jsonl(tmp_path / "extra" / "gen" / "gen.jsonl", [{"instruction": f"Task {i}.", "output": "ok"}
+                                                           for i in range(5)])
+    (tmp_path / "extra" / "gen.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: gen\n")
+    gen = {"name": "gen", "kind": "file", "path": "extra/gen/gen.jsonl", "format": "alpaca"}
+    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source("data/spec.jsonl")],
+                                                            "generalist": [gen]})
+    rc, _, err = cli("--params", params, "prepare", "--root", tmp_path, "--out", tmp_path / "prepared")
+    assert rc == 0, err
+    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())
+    assert "not_versioned" not in stats and stats["generalist"]["gen"]["read"] == 5
+
+
+# --- predict --------------------------------------------------------------------------------------------------------
+
+
+def test_predict_request_with_a_lone_surrogate(tmp_path, cli):
+    """json.loads accepts "\\ud83d" alone; no tokenizer or UTF-8 file can take it. Checked before the model loads."""
+    (tmp_path / "requests.jsonl").write_text('{"id": 1, "text": "fine"}\n{"id": 2, "text": "smile \\ud83d!"}\n')
+    out = tmp_path / "out.jsonl"
+    rc, stdout, err = cli("predict", "--model", "models:/nothing@champion", "--input", tmp_path / "requests.jsonl",
+                          "--output", out)
+    assert (rc, stdout, files_under(tmp_path)) == (1, "", [tmp_path / "requests.jsonl"])
+    assert one_line(err) == (f"mixtune predict: error: {tmp_path / 'requests.jsonl'}:2: field 'text': a lone "
+                             "surrogate \\ud83d at character 7, half of a UTF-16 pair and not a character: remove it "
+                             "or give the whole pair")
+
+
+def test_predict_output_is_a_directory(tmp_path, cli):
+    write_jsonl(tmp_path / "requests.jsonl", [{"text": "fine"}])
+    (tmp_path / "out").mkdir()
+    rc, stdout, err = cli("predict", "--model", "models:/nothing@champion", "--input", tmp_path / "requests.jsonl",
+                          "--output", tmp_path / "out")
+    assert (rc, stdout, files_under(tmp_path)) == (1, "", [tmp_path / "requests.jsonl"])
+    assert one_line(err) == (f"mixtune predict: error: {tmp_path / 'out'}: --output: is a directory; name the file "
+                             f"to write, e.g. {tmp_path / 'out' / 'predictions.jsonl'}")
+
+
+def test_predict_output_unwritable_when_the_answers_are_written(tmp_path, cli, monkeypatch):
+    """The output turns into a directory while the model answers: one line, and no temp file beside it."""
+    import mlflow
+
+    from mixtune import predict
+
+    source = {**spec_source(), "columns": {}, "kind": "file", "format": "classification"}
+    recipe = {"tasks": {"spec": {"kind": "record", "source": source, "labels": ["a", "b", "c"], "example": {}}}}
+    out = tmp_path / "answers" / "out.jsonl"
+
+    class Model:
+        def predict(self, frame):
+            out.mkdir(parents=True)
+            return [{"task": "spec", "prediction": "a", "probabilities": None}] * len(frame)
+
+    monkeypatch.setattr(predict, "download", lambda uri: tmp_path)
+    monkeypatch.setattr(predict, "recipe_of", lambda model_dir, uri: recipe)
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda path: Model())
+    write_jsonl(tmp_path / "requests.jsonl", [{"text": "fine"}])
+    rc, stdout, err = cli("predict", "--model", "models:/x@champion", "--input", tmp_path / "requests.jsonl",
+                          "--output", out)
+    assert (rc, stdout) == (1, "")
+    assert one_line(err) == f"mixtune predict: error: {out}: --output: cannot write: Is a directory"
+    assert list((tmp_path / "answers").iterdir()) == [out] and list(out.iterdir()) == []
 
 
 # --- params -------------------------------------------------------------------------------------------------------

@@ -351,15 +351,11 @@ def test_a_hub_dataset_keeps_its_validation_and_test_splits(tmp_path):
 def test_the_prepare_stage_logs_its_counts_and_data_card_to_mlflow(tmp_path, cli, monkeypatch, tiny_model):
     from mlflow import MlflowClient
 
-    from conftest import write_params
+    from conftest import prepare_small_task
     from workspace import use_store
 
     uri = use_store(monkeypatch, tmp_path)
-    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 10, "c": 10}))
-    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source()]},
-                          model={"base": str(tiny_model)})
-    rc, out, err = cli("--params", params, "prepare", "--root", tmp_path, "--out", tmp_path / "prepared")
-    assert rc == 0, err
+    prepare_small_task(tmp_path, cli, tiny_model)
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("mixtune/spec").experiment_id])
     assert run.info.run_name == "prepare 32 train examples" and run.data.tags["mixtune.stage"] == "prepare"
@@ -371,7 +367,7 @@ def test_the_prepare_stage_logs_its_counts_and_data_card_to_mlflow(tmp_path, cli
     assert Path(card).read_text() == (tmp_path / "prepared" / "card.md").read_text()
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"card.md", "stats.json", "sources.json"}
     # `mixtune check` is a look, not a stage: no run
-    rc, _, err = cli("--params", params, "check", "--root", tmp_path, "--out", tmp_path / "checked")
+    rc, _, err = cli("--params", tmp_path / "params.yaml", "check", "--root", tmp_path, "--out", tmp_path / "checked")
     assert rc == 0, err
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
@@ -405,3 +401,60 @@ def test_trec_a_real_dataset_keeps_its_own_test_split(tmp_path):
     dev = Counter(ex["completion"] for ex in parts["dev"])
     train = Counter(ex["completion"] for ex in parts["train"])
     assert all(dev[label] == round(0.1 * (dev[label] + train[label])) for label in train)
+
+
+# --- records as they really come: the count read, data DVC does not version -----------------------------------
+
+
+def test_card_counts_the_records_read_through_quoted_line_breaks(tmp_path, cli, tiny_model):
+    """A CSV whose texts span lines: every record read, and the card says how many (a stray quote that swallowed
+    records would show here, if nothing else caught it)."""
+    from conftest import write_params
+
+    rows = classification_records({"a": 20, "b": 20})
+    (tmp_path / "spec.csv").write_text("text,label\n" + "".join(
+        f'"{r["text"].replace(" ", chr(10), 2)}",{r["label"]}\n' for r in rows))  # 3 lines per record
+    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source("spec.csv")]},
+                          model={"base": str(tiny_model)})
+    rc, out, err = cli("--params", params, "check", "--root", tmp_path, "--out", tmp_path / "prepared")
+    assert rc == 0, err
+    assert "- source `spec`: 40 records read, 0 over max_length, 0 inputs truncated" in out
+
+
+def test_unversioned_data_read_when_allowed_and_recorded(tmp_path, cli, tiny_model, monkeypatch):
+    """prepare.allow_unversioned: true reads a source outside the data DVC versions; stats.json, the card and the
+    prepare stage's MLflow run say so. Under data/ (or without a DVC project) nothing is recorded."""
+    from mlflow import MlflowClient
+
+    from conftest import write_params
+
+    root = tmp_path / "project"
+    (root / ".dvc").mkdir(parents=True)
+    write_jsonl(tmp_path / "elsewhere" / "spec.jsonl", classification_records({"a": 20, "b": 20}))
+    write_jsonl(root / "data" / "gen.jsonl", [{"instruction": f"Task {i}.", "output": "ok"} for i in range(5)])
+    gen = alpaca_source("gen", "data/gen.jsonl")
+    params = write_params(root / "params.yaml", prepare={"specialist": [spec_source("../elsewhere/spec.jsonl")],
+                                                         "generalist": [gen], "allow_unversioned": True},
+                          model={"base": str(tiny_model)})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rc, _, err = cli("--params", params, "prepare", "--root", root, "--out", root / "prepared")
+    assert rc == 0, err
+    stats = json.loads((root / "prepared" / "stats.json").read_text())
+    assert stats["not_versioned"] == {"spec": ["../elsewhere/spec.jsonl"]}
+    card = (root / "prepared" / "card.md").read_text()
+    assert ("\n**Not versioned** (prepare.allow_unversioned: true): source `spec`: `../elsewhere/spec.jsonl`: "
+            "outside the data DVC tracks, so `dvc repro` does not rerun when it changes and a clone cannot "
+            "reproduce this data.\n") in card
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("mixtune/spec").experiment_id])
+    assert run.data.tags["mixtune.not_versioned"] == "source `spec`: `../elsewhere/spec.jsonl`"
+    assert run.data.params["prepare.allow_unversioned"] == "True"
+    assert run.data.tags["mlflow.note.content"].endswith(
+        "; not versioned (prepare.allow_unversioned): source `spec`: `../elsewhere/spec.jsonl`")
+    # the same data under data/: nothing to record
+    write_jsonl(root / "data" / "spec.jsonl", classification_records({"a": 20, "b": 20}))
+    cfg = section("prepare", specialist=[spec_source("data/spec.jsonl")], generalist=[gen], min_eval_examples=0,
+                  allow_unversioned=True)
+    stats = prepare.run(cfg, section("model", base=str(tiny_model)), 512, root, root / "again")
+    assert "not_versioned" not in stats and "Not versioned" not in (root / "again" / "card.md").read_text()

@@ -453,3 +453,62 @@ def test_a_scenario_model_takes_each_tasks_own_columns_and_the_request_names_its
         {"type": "string", "name": "instruction", "required": False},
         {"type": "string", "name": "input", "required": False},
         {"type": "string", "name": "task", "required": True}]
+
+
+# --- records as they really come ------------------------------------------------------------------------------
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 unescaped in a string (scraped text has them); lines end at \\n only
+    (and \\r\\n), so each record is read whole and its text kept as it is."""
+    texts = ["first\u2028line separator", "para\u2029graph separator", "next\x85line", "form\x0cfeed\x1cand more"]
+    (tmp_path / "d.jsonl").write_bytes("".join(json.dumps({"text": t, "label": "x"}, ensure_ascii=False) + "\r\n"
+                                               for t in texts).encode())
+    examples = read_source(file_source("d.jsonl", "classification", labels=["x"], instruction="Which?"), tmp_path)
+    assert [ex["prompt"][0]["content"] for ex in examples] == [
+        f"Which?\n\n{t}\n\nAnswer with one of: x." for t in texts]
+    with pytest.raises(MixtuneError, match=r"^d\.jsonl:3: field 'label': missing$"):  # lines counted by \n
+        (tmp_path / "d.jsonl").write_text('{"text": "a\u2028b", "label": "x"}\n\n{"text": "c\u2029d"}\n')
+        read_source(file_source("d.jsonl", "classification", labels=["x"]), tmp_path)
+
+
+def test_csv_line_numbers_count_quoted_line_breaks(tmp_path):
+    (tmp_path / "d.csv").write_text('text,label\n"one\ntwo\nthree",x\n\nfour,\n', newline="")
+    with pytest.raises(MixtuneError, match=r"^d\.csv:6: field 'label': empty$"):
+        read_source(file_source("d.csv", "classification", labels=["x"]), tmp_path)
+
+
+def test_unknown_columns_key_names_the_allowed_ones():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"unknown key 'answer' \(the alpaca format's columns: instruction, "
+                                              r"input, output\)"):
+        file_source("d.jsonl", "alpaca", columns={"instruction": "q", "answer": "a"})
+    assert file_source("d.jsonl", "messages", columns={"messages": "turns"}).columns == {"messages": "turns"}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("\u200b", "field 'messages[0].content': only whitespace and invisible format characters (U+200B)"),
+    ("\ufeff \u2060", "field 'messages[0].content': only whitespace and invisible format characters (U+2060, U+FEFF)"),
+])
+def test_invisible_message_content_is_refused(tmp_path, content, message):
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": content},
+                                                     {"role": "assistant", "content": "ok"}]}])
+    with pytest.raises(MixtuneError) as e:
+        read_source(file_source("d.jsonl", "messages"), tmp_path)
+    assert str(e.value) == f"d.jsonl:1: {message}"
+
+
+def test_a_request_with_a_lone_surrogate_or_invisible_text_is_one_line():
+    from mixtune.serve import Requests
+
+    entry = {"kind": "record", "source": file_source("d.jsonl", "classification", labels=["x"]).model_dump(mode="json"),
+             "labels": ["x"], "example": {}}
+    requests = Requests({"tasks": {"src": entry}})
+    with pytest.raises(MixtuneError) as e:
+        requests([{"text": "fine"}, {"text": "ok", "meta": {"note": ["a", "x\ud83d"]}}], lambda i: f"row {i + 1}")
+    assert str(e.value) == ("row 2: field 'meta.note[1]': a lone surrogate \\ud83d at character 2, half of a UTF-16 "
+                            "pair and not a character: remove it or give the whole pair")
+    with pytest.raises(MixtuneError) as e:
+        requests([{"text": "\u200b\u200b"}], lambda i: f"row {i + 1}")
+    assert str(e.value) == "row 1: field 'text': only whitespace and invisible format characters (U+200B)"

@@ -65,8 +65,9 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    r"""Lines end at \n only: not at U+2028, U+2029, U+0085 (JSON allows them inside a string) or a lone \r."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [json.loads(line) for line in f.read().split("\n") if line.strip()]
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -41,6 +41,9 @@ def run(model_uri: str, input_path: Path, output: Path, file_format: str | None 
 
     from mixtune.serve import Requests
 
+    if output.is_dir():
+        raise MixtuneError(f"{output}: --output: is a directory; name the file to write, e.g. "
+                           f"{output / 'predictions.jsonl'}")
     records = list(sources.file_records(input_path, str(input_path), file_format, "--input"))
     if not records:
         raise MixtuneError(f"{input_path}: no records")
@@ -56,4 +59,7 @@ def run(model_uri: str, input_path: Path, output: Path, file_format: str | None 
     except Exception as e:  # a missing base model, an adapter that does not fit it
         raise MixtuneError(f"{model_uri}: cannot load model: {first_line(e)}") from None
     answers = model.predict(pd.DataFrame(rows))
-    return write_jsonl(output, ({**({"id": r["id"]} if "id" in r else {}), **a} for r, a in zip(rows, answers)))
+    try:  # atomic: on an error the temp file beside it is removed and nothing is written
+        return write_jsonl(output, ({**({"id": r["id"]} if "id" in r else {}), **a} for r, a in zip(rows, answers)))
+    except OSError as e:  # a directory made meanwhile, no permission, a full disk
+        raise MixtuneError(f"{output}: --output: cannot write: {e.strerror or first_line(e)}") from None

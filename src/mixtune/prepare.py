@@ -12,6 +12,7 @@ Outputs (under `prepared/`):
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 from collections import Counter, defaultdict
@@ -113,6 +114,58 @@ def _record(example: dict) -> int:
     return int(example["id"].rsplit("/", 1)[1]) + 1  # "<source>/<n>": the source's record n + 1
 
 
+def _tracked(root: Path) -> list[str] | None:
+    """The absolute paths DVC versions in the project at `root`: data/ (data.dvc), every path a .dvc file
+    tracks, and every dependency of a dvc.yaml stage (the study's examples/trec); None when `root` is no DVC
+    project (no .dvc/ folder): then nothing is checked."""
+    import yaml
+
+    if not (root / ".dvc").is_dir():
+        return None
+    base = os.path.abspath(root)
+    tracked = [os.path.join(base, "data")]
+    for folder, dirs, files in os.walk(base):
+        depth = folder[len(base):].count(os.sep)
+        dirs[:] = [] if depth >= 2 else sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".dvc") or f == "dvc.yaml"):
+            try:
+                doc = yaml.safe_load(Path(folder, name).read_text(encoding="utf-8")) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # DVC itself says what is wrong with it
+            if name.endswith(".dvc"):
+                paths = [(folder, o.get("path")) for o in doc.get("outs") or [] if isinstance(o, dict)]
+            else:
+                stages = [s.get("do", s) for s in (doc.get("stages") or {}).values() if isinstance(s, dict)]
+                paths = [(os.path.join(folder, s.get("wdir", ".")), d) for s in stages for d in s.get("deps") or []]
+            tracked += [os.path.abspath(os.path.join(where, p)) for where, p in paths
+                        if isinstance(p, str) and "${" not in p]
+    return tracked
+
+
+def unversioned(cfg: PrepareConfig, root: Path) -> dict[str, list[str]]:
+    """source name -> its files (a file or BIG-bench source's path and split files) that DVC does not version:
+    an error unless prepare.allow_unversioned, then recorded in stats.json, the card and the MLflow run."""
+    tracked = _tracked(root)
+    if tracked is None:
+        return {}
+    out: dict[str, list[str]] = {}
+    for src in [*cfg.specialist, *cfg.generalist]:
+        if src.kind == "hf":
+            continue
+        for path in [src.path, *(getattr(src, "splits", None) or {}).values()]:
+            full = os.path.abspath(os.path.join(root, path))
+            if any(full == t or full.startswith(t + os.sep) for t in tracked):
+                continue
+            if not cfg.allow_unversioned:
+                raise MixtuneError(
+                    f"{path}: source '{src.name}': not versioned: outside data/ and every path a .dvc file tracks, "
+                    "so `dvc repro` would not rerun when it changes and a clone could not reproduce the result: "
+                    f"copy it under data/ (cp {path} data/) and run `dvc add data`, or give it a .dvc file of its "
+                    f"own (`dvc add {path}`, inside the repository), or set prepare.allow_unversioned: true")
+            out.setdefault(src.name, []).append(path)
+    return out
+
+
 def _check_sizes(src, cfg: PrepareConfig, examples: list[dict]) -> None:
     """A record too large to take in whole: one line naming the file and the record."""
     for ex in examples:
@@ -165,6 +218,7 @@ def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path 
     cut, so none goes in over it (too_long)."""
     from mixtune.model import chat_tokens, load_tokenizer, resolve_base, with_answer
 
+    loose = unversioned(cfg, root)  # before anything is read
     tokenizer = load_tokenizer(resolve_base(model_cfg.base))
     stats: dict = {"specialist": {}, "generalist": {}}
 
@@ -224,6 +278,8 @@ def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path 
     stats["generalist_pool"] = len(generalist)
     stats["generalist_tasks"] = len({ex["task"] for ex in generalist})
     stats["specialist_tasks"] = dict(sorted(Counter(ex["task"] for ex in specialist).items()))
+    if loose:
+        stats["not_versioned"] = loose
 
     card = data_card(cfg, stats, parts, tokenizer, model_cfg.base, max_length)
     # Everything is validated above; each output then appears whole or not at all.
@@ -250,7 +306,9 @@ def log_run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, stats: 
     sources = {k: settings.pop(k) for k in ("specialist", "generalist")}  # lists: an artifact, not params
     params = {"prepare": settings, "model": model_cfg.model_dump(), "train": {"max_length": max_length}}
     label = with_exp_name(f"{stats['splits']['train']} train examples")
-    with stage_run("prepare", list(stats["specialist_tasks"]), params, label=label) as run:
+    loose = _not_versioned(stats)
+    tags = {"mixtune.not_versioned": loose} if loose else None
+    with stage_run("prepare", list(stats["specialist_tasks"]), params, tags=tags, label=label) as run:
         if run is None:
             return
         mlflow.log_dict(sources, "sources.json")
@@ -262,7 +320,14 @@ def log_run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, stats: 
         mlflow.set_tag("mlflow.note.content", (
             f"splits train {stats['splits']['train']}, dev {stats['splits']['dev']}, test {stats['splits']['test']}; "
             f"{truncated} inputs truncated; generalist pool {stats['generalist_pool']} of "
-            f"{stats['generalist_tasks']} tasks, probe {stats['generalist_probe']} (see card.md)"))
+            f"{stats['generalist_tasks']} tasks, probe {stats['generalist_probe']} (see card.md)"
+            + (f"; not versioned (prepare.allow_unversioned): {loose}" if loose else "")))
+
+
+def _not_versioned(stats: dict) -> str:
+    """The sources' files DVC does not version (prepare.allow_unversioned), as the card and the run say them."""
+    return "; ".join(f"source `{name}`: {', '.join(f'`{p}`' for p in paths)}"
+                     for name, paths in stats.get("not_versioned", {}).items())
 
 
 def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tokenizer, base: str,
@@ -277,6 +342,9 @@ def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tok
              (f"Written by `mixtune prepare` and `mixtune check` from params.yaml and the data. Lengths are tokens "
               f"of `{base}` through its chat template (prompt and answer, as training tokenizes them) against "
               f"train.max_length={max_length}."), ""]
+    if loose := _not_versioned(stats):
+        lines += [(f"**Not versioned** (prepare.allow_unversioned: true): {loose}: outside the data DVC tracks, so "
+                   "`dvc repro` does not rerun when it changes and a clone cannot reproduce this data."), ""]
     for name, s in stats["specialist"].items():
         lines.append(f"- source `{name}`: {s['read']} records read, {s['too_long']} over max_length, "
                      f"{s['truncated']} inputs truncated (prepare.too_long: {cfg.too_long})")

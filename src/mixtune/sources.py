@@ -8,15 +8,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import random
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
 from mixtune.config import BigbenchSource, FileSource, HFSource
-from mixtune.errors import MixtuneError
+from mixtune.errors import MixtuneError, first_line
 from mixtune.schema import make_example
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",
@@ -53,20 +53,24 @@ def file_records(path: Path, shown: str, file_format: str | None, what: str) -> 
         try:
             rows = pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a bad file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # pyarrow's messages span lines
-            raise MixtuneError(f"{shown}: not a readable parquet file: {first}") from None
+            raise MixtuneError(f"{shown}: not a readable parquet file: {first_line(e)}") from None
         for i, row in enumerate(rows, 1):
             yield f"{shown}: record {i}", row
         return
     text = _decode(path.read_bytes(), Path(shown))
     if fmt == "jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
+        # Lines end at \n (or \r\n) only: str.splitlines() also splits at U+2028, U+2029, U+0085 and others,
+        # which JSON allows unescaped inside a string (scraped text has them).
+        for i, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
-                yield f"{shown}:{i}", json.loads(line)
+                row = json.loads(line.removesuffix("\r"))
             except json.JSONDecodeError as e:
                 raise MixtuneError(f"{shown}:{i}: not valid JSON: {e.msg} at column {e.colno}") from None
+            if _SURROGATE_ESCAPE.search(line):
+                check_surrogates(f"{shown}:{i}", row)
+            yield f"{shown}:{i}", row
     elif fmt == "json":
         try:
             data = json.loads(text)
@@ -74,12 +78,108 @@ def file_records(path: Path, shown: str, file_format: str | None, what: str) -> 
             raise MixtuneError(f"{shown}:{e.lineno}: not valid JSON: {e.msg}") from None
         if not isinstance(data, list):
             raise MixtuneError(f"{shown}: expected a JSON array of records")
+        check = _SURROGATE_ESCAPE.search(text)
         for i, row in enumerate(data, 1):
+            if check:
+                check_surrogates(f"{shown}: record {i}", row)
             yield f"{shown}: record {i}", row
     else:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            yield f"{shown}:{reader.line_num}", row
+        yield from _csv_records(text, shown)
+
+
+# A \uD800-\uDFFF escape: json.loads accepts one alone, but it is half of a UTF-16 pair, not a character, and
+# nothing can encode it (the tokenizer, a UTF-8 file).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_surrogates(where: str, value: object, field: str = "") -> None:
+    """A lone surrogate anywhere in a record (a key or a value, nested): one line naming the field."""
+    if isinstance(value, str):
+        if m := _SURROGATE.search(value):
+            raise MixtuneError(f"{where}: field '{field}': a lone surrogate \\u{ord(m.group()):04x} at character "
+                               f"{m.start() + 1}, half of a UTF-16 pair and not a character: remove it or give "
+                               "the whole pair")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = str(k).encode("utf-8", "backslashreplace").decode()  # a key can hold one too
+            check_surrogates(where, k, f"{field}.{name}" if field else name)
+            check_surrogates(where, v, f"{field}.{name}" if field else name)
+    elif isinstance(value, list):
+        for j, v in enumerate(value):
+            check_surrogates(where, v, f"{field}[{j}]")
+
+
+# A quoted field longer than this many lines is taken for a quote that was never closed (a stray `"` at the
+# start of a field swallows the lines after it, records and all).
+MAX_FIELD_LINES = 1000
+
+
+def _quote_opened(lines: list[str], start: int, max_chars: int) -> int | None:
+    """The line (`lines` numbered from `start`, a record's first line, to the end of the file) where the quoted
+    field that breaks the record opened: the first to run over MAX_FIELD_LINES lines or `max_chars` characters,
+    or whose closing quote a character other than a comma, a quote or a line end follows, or that is still open
+    at the end of the file (csv's rules: a quote opens a field only at the field's start)."""
+    state, opened, size = "start", None, 0
+    for n, line in enumerate(lines, start):
+        for ch in line.rstrip("\r\n") + "\n":
+            if state == "quoted":
+                size += 1
+                if ch == '"':
+                    state = "quote"
+                elif n - opened >= MAX_FIELD_LINES or size > max_chars:
+                    return opened
+            elif state == "quote":  # a quote inside a quoted field: a doubled quote, or the field's end
+                if ch not in '",\n':
+                    return opened
+                state = "quoted" if ch == '"' else "start"
+            elif state == "start" and ch == '"':
+                state, opened, size = "quoted", n, 0
+            else:
+                state = "start" if ch in ",\n" else "field"
+    return opened if state == "quoted" else None
+
+
+def _csv_records(text: str, shown: str) -> Iterator[tuple[str, dict]]:
+    """A CSV's records: every record has its header's number of fields, and every quote it opens is closed
+    within MAX_FIELD_LINES lines. Lines are csv's own, counted through quoted line breaks."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    header, end = None, 0
+
+    def unclosed(start: int, why: str) -> MixtuneError:
+        lines = io.StringIO(text, newline="").readlines()  # as the reader counts them
+        line = _quote_opened(lines[start - 1 :], start, csv.field_size_limit()) or start
+        return MixtuneError(f"{shown}:{line}: a quoted field opens here and {why}: close its quote, or double "
+                            'a quote inside a quoted field ("")')
+
+    while True:
+        start = end + 1
+        try:
+            row = next(reader, None)
+        except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                raise unclosed(start, f"runs over {csv.field_size_limit()} characters") from None
+            if "unexpected end of data" in str(e):
+                raise unclosed(start, "is never closed (it runs to the end of the file)") from None
+            if "expected after" in str(e):
+                raise unclosed(start, "has more text after its closing quote") from None
+            raise MixtuneError(f"{shown}:{start}: not valid CSV: {first_line(e)}") from None
+        if row is None:
+            return
+        end = reader.line_num
+        if end - start >= MAX_FIELD_LINES:
+            raise unclosed(start, f"runs over {MAX_FIELD_LINES} lines")
+        if not row:  # a blank line
+            continue
+        if header is None:
+            header = row
+            continue
+        if len(row) != len(header):
+            fix = ("quote a field that holds a comma" if len(row) > len(header)
+                   else "give every column a value (an empty one still takes its comma)")
+            raise MixtuneError(f"{shown}:{end}: {len(row)} field{'s' * (len(row) != 1)}, but the header has "
+                               f"{len(header)} ({', '.join(header)}): {fix}")
+        yield f"{shown}:{end}", dict(zip(header, row))
 
 
 def _local(root: Path, f: str) -> str:
@@ -101,7 +201,7 @@ def _hf_records(src: HFSource, root: Path) -> Iterator[tuple[str, object]]:
         ds = datasets.load_dataset(src.dataset, src.config, split=src.split,
                                    data_files=data_files, revision=src.revision)
     except Exception as e:  # hub, network and builder errors all land here
-        raise MixtuneError(f"hf:{src.dataset}: source '{src.name}': cannot load: {str(e).splitlines()[0]}") from None
+        raise MixtuneError(f"hf:{src.dataset}: source '{src.name}': cannot load: {first_line(e)}") from None
     if src.where:  # e.g. one Super-NaturalInstructions task out of the dataset of all of them
         ds = ds.filter(lambda row: all(str(row.get(k)) == v for k, v in src.where.items()))
     for i, row in enumerate(ds, 1):
@@ -111,14 +211,28 @@ def _hf_records(src: HFSource, root: Path) -> Iterator[tuple[str, object]]:
 # --- formats --------------------------------------------------------------------------------------------------
 
 
-def _field(where: str, row: object, src, name: str, *, required: bool = True) -> object:
+def _invisible(text: str) -> str | None:
+    """Text with nothing to read: None if it has a character that is neither whitespace nor a format character
+    (Unicode category Cf: U+200B zero width space, U+FEFF, U+200D...), else why, for an error."""
+    if any(not ch.isspace() and unicodedata.category(ch) != "Cf" for ch in text):
+        return None
+    if not text:
+        return "empty"
+    if not text.strip():
+        return "only whitespace"
+    shown = ", ".join(f"U+{ord(ch):04X}" for ch in sorted({ch for ch in text if not ch.isspace()}))
+    return f"only whitespace and invisible format characters ({shown})"
+
+
+def _field(where: str, row: object, src, name: str, *, required: bool = True, col: str | None = None) -> object:
+    """Schema field `name` of a record: its column `col`, by default the one the source's `columns` maps it to."""
     if not isinstance(row, dict):
         raise MixtuneError(f"{where}: expected an object with fields, got {type(row).__name__}")
-    col = src.columns.get(name, name)
+    col = col or src.columns.get(name, name)
     value = row.get(col)
-    if required and (value is None or (isinstance(value, str | list) and len(value) == 0)
-                     or (isinstance(value, str) and not value.strip())):
-        state = "missing" if col not in row else "empty" if not value else "only whitespace"
+    if required and (value is None or (isinstance(value, list) and len(value) == 0)
+                     or (isinstance(value, str) and _invisible(value))):
+        state = "missing" if col not in row else "empty" if not value else _invisible(value)
         raise MixtuneError(f"{where}: field '{col}': {state}")
     return value
 
@@ -142,6 +256,8 @@ def _messages(where: str, value: object, col: str) -> list[dict]:
             raise MixtuneError(f"{where}: field '{col}[{j}].role': unknown role {role!r}")
         if not isinstance(content, str) or not content.strip():
             raise MixtuneError(f"{where}: field '{col}[{j}].content': missing or empty")
+        if why := _invisible(content):
+            raise MixtuneError(f"{where}: field '{col}[{j}].content': {why}")
         out.append({"role": ROLES[role], "content": content})
     return out
 
@@ -176,33 +292,32 @@ def _prompt(src, where: str, row: object, labels: list[str] | None, *, answered:
     with it (serve.py), so what is served is prompted exactly as it was trained and evaluated.
     `max_words` cuts the input (Fit): the text to classify, an alpaca input (else its instruction), the prompt,
     or the last user message; never the instruction around it or the answer."""
-    fmt = src.format
-    if fmt == "alpaca":
-        instruction = _text(where, _field(where, row, src, "instruction"), src.columns.get("instruction", "instruction"))
-        extra = _field(where, row, src, "input", required=False) or ""
+    def text(name: str) -> str:
+        return _text(where, _field(where, row, src, name), src.columns.get(name, name))
+
+    if src.format == "alpaca":
+        instruction, extra = text("instruction"), _field(where, row, src, "input", required=False)
         user = f"{instruction}\n\n{_cut(extra, max_words)}" if extra else _cut(instruction, max_words)
-        return _with_system(src, [{"role": "user", "content": user}])
-    if fmt == "messages":
+        prompt = [{"role": "user", "content": user}]
+    elif src.format == "messages":
         col = _messages_column(src, row)
-        msgs = _messages(where, _field(where, row, src.model_copy(update={"columns": {"messages": col}}),
-                                       "messages"), col)
+        prompt = _messages(where, _field(where, row, src, "messages", col=col), col)
         if answered:
-            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            if prompt[-1]["role"] != "assistant" or len(prompt) < 2:
                 raise MixtuneError(f"{where}: field '{col}': must end with an assistant message after a prompt")
-            msgs = msgs[:-1]
-        elif msgs[-1]["role"] == "assistant":
+            prompt = prompt[:-1]
+        elif prompt[-1]["role"] == "assistant":
             raise MixtuneError(f"{where}: field '{col}': must end with the message to answer, not an assistant's")
-        return _with_system(src, _cut_last_user(msgs, max_words))
-    if fmt == "prompt_completion":
-        pcol = src.columns.get("prompt", "prompt")
-        p = _field(where, row, src, "prompt")
-        return _with_system(src, _cut_last_user(_messages(where, p, pcol), max_words) if isinstance(p, list)
-                            else [{"role": "user", "content": _cut(_text(where, p, pcol), max_words)}])
-    # classification: text (+ label)
-    text = _text(where, _field(where, row, src, "text"), src.columns.get("text", "text"))
-    words = min(w for w in (src.max_input_words, max_words, math.inf) if w is not None)
-    text = _cut(text, None if words == math.inf else int(words))
-    return _with_system(src, [{"role": "user", "content": classification_prompt(src.instruction, text, labels)}])
+        prompt = _cut_last_user(prompt, max_words)
+    elif src.format == "prompt_completion":
+        p, pcol = _field(where, row, src, "prompt"), src.columns.get("prompt", "prompt")
+        prompt = (_cut_last_user(_messages(where, p, pcol), max_words) if isinstance(p, list)
+                  else [{"role": "user", "content": _cut(_text(where, p, pcol), max_words)}])
+    else:  # classification: the text, cut to the tighter of the source's and the caller's word limit
+        words = min((w for w in (src.max_input_words, max_words) if w is not None), default=None)
+        prompt = [{"role": "user", "content": classification_prompt(src.instruction, _cut(text("text"), words),
+                                                                    labels)}]
+    return _with_system(src, prompt)
 
 
 class Fit:
@@ -288,7 +403,7 @@ SPLIT_NAMES = {"train": "train", "dev": "dev", "validation": "dev", "valid": "de
 def _given_split(src, where: str, row: object) -> str | None:
     if getattr(src, "split_column", None) is None:
         return None
-    value = _field(where, row, src.model_copy(update={"columns": {"split": src.split_column}}), "split")
+    value = _field(where, row, src, "split", col=src.split_column)
     if str(value).strip().lower() not in SPLIT_NAMES:
         raise MixtuneError(f"{where}: field '{src.split_column}': {value!r} is not a split "
                            "(train, dev, validation or test)")
@@ -363,7 +478,7 @@ def bigbench_tasks(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 tj = json.load(tf.extractfile(m))
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                raise MixtuneError(f"{path}: {m.name}: not valid JSON: {str(e).splitlines()[0]}") from None
+                raise MixtuneError(f"{path}: {m.name}: not valid JSON: {first_line(e)}") from None
             if not isinstance(tj, dict):
                 raise MixtuneError(f"{path}: {m.name}: expected a JSON object")
             yield name, tj
@@ -457,6 +572,8 @@ def prompter(entry: dict, prompt_tokens=None):
             text = row.get("input")
             if not isinstance(text, str) or not text.strip():
                 raise MixtuneError(f"{where}: field 'input': missing or empty")
+            if why := _invisible(text):
+                raise MixtuneError(f"{where}: field 'input': {why}")
             options = row.get("options")
             if options is not None and (not isinstance(options, list) or not options
                                         or not all(isinstance(o, str) for o in options)):
