@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import sys
 import tarfile
 from pathlib import Path
 
@@ -90,6 +92,15 @@ def write_params(path: Path, **sections) -> Path:
     return path
 
 
+def prepare_small_task(tmp_path: Path, cli, tiny_model: Path) -> None:
+    """`mixtune prepare` through the CLI on a 40-record task of three labels (32 train examples) in `tmp_path`."""
+    write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 10, "c": 10}))
+    params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source()]},
+                          model={"base": str(tiny_model)})
+    rc, _, err = cli("--params", params, "prepare", "--root", tmp_path, "--out", tmp_path / "prepared")
+    assert rc == 0, err
+
+
 def spec_source(path: str = "spec.jsonl", labels=("a", "b", "c"), **extra) -> dict:
     return {"name": "spec", "kind": "file", "path": path, "format": "classification",
             "labels": None if labels is None else list(labels), "instruction": "Which class?", **extra}
@@ -113,6 +124,34 @@ def prepared_dir(root: Path, n_specialist: int, n_generalist: int, *, spec_tasks
     (out / "specialist" / "train.jsonl").write_text("".join(lines(n_specialist, "spec", spec_tasks, ["a", "b"])))
     (out / "generalist.jsonl").write_text("".join(lines(n_generalist, "gen", gen_tasks, None)))
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_mlflow_store(tmp_path_factory):
+    """The session's own MLflow store, so no test logs into the project's (`<repo>/mlruns`, which `make ui` shows)
+    nor a team server the shell names. Set in os.environ, not by monkeypatch, so the stage subprocesses the tests
+    start inherit it; a test that wants a store of its own still sets MLFLOW_TRACKING_URI with monkeypatch, and the
+    end-to-end tests that run `dvc repro` in a temporary project drop it there, so that project's store is used."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-store')}/mlflow.db"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_run_left_active():
+    """A test that leaves an MLflow run active (in this process) fails, and the run is ended: the next test's stage
+    would otherwise fail to start its own run, far from the cause."""
+    yield
+    mlflow = sys.modules.get("mlflow")
+    run = mlflow.active_run() if mlflow else None
+    if run is not None:
+        mlflow.end_run()
+        pytest.fail(f"the test left MLflow run {run.info.run_id} ({run.info.run_name}) active")
 
 
 @pytest.fixture

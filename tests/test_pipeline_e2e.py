@@ -65,7 +65,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
         "prepare": {
             "seed": 0, "dev_fraction": 0.1, "test_fraction": 0.1, "decontaminate_ngram": 13,
             "generalist_max_chars": 2000, "generalist_probe": 20, "too_long": "error", "min_eval_examples": 20,
-            "max_record_chars": 100000,
+            "max_record_chars": 100000, "allow_unversioned": False,
             "specialist": [{
                 "name": "bbc_news", "kind": "file", "path": "data/specialist/bbc_news.jsonl",
                 "format": "classification", "columns": {"text": "text", "label": "label"},

@@ -21,6 +21,36 @@ def test_repo_root(cwd, root):
     assert tracking.repo_root(Path(cwd)) == Path(root)
 
 
+def test_the_tests_never_log_into_the_projects_store(tmp_path, cli, monkeypatch, tiny_model, private_mlflow_store):
+    """A stage run as a test runs it by default (from the repository, no store of its own, as the `prepared`
+    fixture of test_bad_input runs `prepare`) lands in the session's private store (conftest), not in
+    `<repo>/mlruns`: `make test` once left 5 runs `prepare 48 train examples` there, which `make ui` then showed."""
+    import sqlite3
+    import uuid
+
+    from mlflow import MlflowClient
+
+    from conftest import REPO, prepare_small_task
+
+    project_store = REPO / "mlruns" / "mlflow.db"
+    monkeypatch.chdir(REPO)
+    assert tracking.repo_root() == REPO
+    assert tracking.tracking_uri() == private_mlflow_store
+    assert str(REPO) not in tracking.tracking_uri()
+
+    tag = uuid.uuid4().hex  # names this run alone: the run name carries DVC_EXP_NAME
+    monkeypatch.setenv("DVC_EXP_NAME", tag)
+    prepare_small_task(tmp_path, cli, tiny_model)
+
+    client = MlflowClient(private_mlflow_store)
+    [run] = client.search_runs([client.get_experiment_by_name("mixtune/spec").experiment_id],
+                               f"attributes.run_name = 'prepare 32 train examples [{tag}]'")
+    assert run.info.status == "FINISHED"
+    if project_store.is_file():  # read-only: opening it with MLflow could write (a new store, a migration)
+        with sqlite3.connect(f"{project_store.as_uri()}?mode=ro", uri=True) as db:
+            assert db.execute("select count(*) from runs where name like ?", (f"%{tag}%",)).fetchone() == (0,)
+
+
 @pytest.fixture
 def exp_copy(tmp_path, monkeypatch):
     """A repository and a DVC experiment's temporary copy of it; run from the copy, no MLFLOW_TRACKING_URI."""
@@ -104,9 +134,18 @@ def test_a_stage_run_logs_system_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     monkeypatch.chdir(tmp_path)
     with tracking.stage_run("train", ["a"], {}) as run:
-        time.sleep(2)
+        end = time.perf_counter() + 2
+        while time.perf_counter() < end:  # busy, not asleep: a core in use while MLflow's thread samples
+            pass
     metrics = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.metrics
-    assert metrics["system/cpu_utilization_percentage"] >= 0 and metrics["system/system_memory_usage_megabytes"] > 0
+    # the latest sample, taken in the loop (only a process's first psutil.cpu_percent reads 0: nothing to compare)
+    assert 0 < metrics["system/cpu_utilization_percentage"] <= 100
+    import psutil
+
+    total_mb = psutil.virtual_memory().total / 1e6
+    assert 0 < metrics["system/system_memory_usage_megabytes"] < total_mb
+    assert metrics["system/system_memory_usage_percentage"] == pytest.approx(
+        100 * metrics["system/system_memory_usage_megabytes"] / total_mb, abs=0.1)
 
 
 def test_flatten_and_experiment_name():

@@ -136,7 +136,11 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
     assert set(rows[0]) == {"step", "loss", "learning_rate", "grad_norm"}  # no timings in a tracked file
     losses = [float(r["loss"]) for r in rows]
-    assert all(np.isfinite(losses)) and all(0 < x < 20 for x in losses)
+    # Pinned: fp32 on a CPU in one thread, the tiny model built from seed 0, the trainer seeded (train.seed 0), so
+    # run after run gives these bytes (recorded twice, alone and in the whole file). rel=1e-4 (6e-4 here) leaves
+    # room for another CPU's order of summation, not for a change to the loss, the data, the LoRA setup or the
+    # optimizer: the loss falls by 0.015-0.055 between logs.
+    assert losses == pytest.approx([5.983005, 5.965016, 5.910176, 5.895096], rel=1e-4)
 
     # metrics.json
     on_disk = json.loads((tmp_path / "train" / "metrics.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtune.errors import MixtuneError
+from mixtune.errors import MixtuneError, first_line
 
 
 def resolve_base(base: str) -> str:
@@ -49,7 +49,7 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise MixtuneError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+        raise MixtuneError(f"{path}: cannot load tokenizer: {first_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -82,7 +82,7 @@ def load_base(path: str):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn)
     except (OSError, ValueError) as e:
-        raise MixtuneError(f"{path}: cannot load base model: {str(e).splitlines()[0]}") from None
+        raise MixtuneError(f"{path}: cannot load base model: {first_line(e)}") from None
 
 
 def adapter_file(adapter_dir: Path) -> Path:
@@ -102,7 +102,7 @@ def load_adapter(base_model, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir))
     except Exception as e:  # corrupt weights or a mismatched base model
-        raise MixtuneError(f"{adapter_dir}: cannot load adapter: {str(e).splitlines()[0]}") from None
+        raise MixtuneError(f"{adapter_dir}: cannot load adapter: {first_line(e)}") from None
 
 
 def release_memory() -> None:

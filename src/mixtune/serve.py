@@ -56,6 +56,7 @@ class Requests:
             if not isinstance(row, dict):
                 raise MixtuneError(f"{at}: expected an object with fields, got {type(row).__name__}")
             row = {k: _plain(v) for k, v in row.items() if not _missing(v)}
+            sources.check_surrogates(at, row)  # a lone "\ud83d" (JSON allows it): no tokenizer can encode it
             task = row.get("task", next(iter(self.tasks)) if len(self.tasks) == 1 else None)
             if task not in self.tasks:
                 state = "missing" if task is None else f"{task!r} is not a task of this model"
@@ -81,15 +82,18 @@ def _plain(value):
 
 
 def answers(examples: list[dict], preds: list[str], scores: list) -> list[dict]:
-    out = []
-    for ex, pred, s in zip(examples, preds, scores):
-        probs = None
-        if s is not None:
-            top = max(s)
-            weights = [math.exp(x - top) for x in s]
-            probs = {o: w / sum(weights) for o, w in zip(ex["options"], weights)}
-        out.append({"task": ex["task"], "prediction": pred, "probabilities": probs})
-    return out
+    """One output per example, from score.answer's answers and options' log-likelihoods (None: generated)."""
+    return [{"task": ex["task"], "prediction": pred,
+             "probabilities": None if s is None else _probabilities(ex["options"], s)}
+            for ex, pred, s in zip(examples, preds, scores)]
+
+
+def _probabilities(options: list[str], loglik: list[float]) -> dict[str, float]:
+    """The options' likelihoods normalized over the options (a softmax, shifted by the largest: no overflow)."""
+    top = max(loglik)
+    weights = [math.exp(x - top) for x in loglik]
+    total = sum(weights)
+    return {o: w / total for o, w in zip(options, weights)}
 
 
 class TaskModel(mlflow.pyfunc.PythonModel):

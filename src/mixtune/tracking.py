@@ -14,13 +14,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixtune.errors import MixtuneError
+from mixtune.errors import MixtuneError, first_line
 
 _EXPS = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 # Tags that link runs to the files they wrote or read (find_run): the sha256 of an adapter (train and evaluate
 # runs, registered versions) and of eval/predictions.jsonl (evaluate runs).
 ADAPTER_TAG = "mixtune.adapter_sha256"
 PREDICTIONS_TAG = "mixtune.predictions_sha256"
+REUSED_TAG = "mixtune.reused_trial_run_id"  # a train run that took a search trial's adapter: that trial's run
 # MLflow 3 opens an experiment with no runs of a known kind on its GenAI overview (traces: all empty); marked
 # as model development, it opens on its runs.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -154,7 +155,7 @@ def stage_run(stage: str, specialist_tasks: list[str], params: dict, tags: dict 
                 run = mlflow.start_run(experiment_id=exp_id, run_name=f"{stage} {label}".strip(),
                                        log_system_metrics=True)
         except Exception as e:  # an unreachable server or a broken store
-            raise MixtuneError(f"MLflow store {uri}: {str(e).splitlines()[0]}") from None
+            raise MixtuneError(f"MLflow store {uri}: {first_line(e)}") from None
         mlflow.set_tags({"mixtune.stage": stage, "mlflow.source.git.commit": git_commit() or "",
                          "mixtune.data_md5": data_hash() or "", **(tags or {})})
         flat = {} if run_id else {k: ("" if v is None else v) for k, v in flatten(params).items()}
