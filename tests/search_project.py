@@ -44,7 +44,7 @@ def params(tiny_model: Path, **sections) -> dict:
         train={"lora": {"r": 4, "alpha": 8}, "max_steps": 4, "batch_size": 4, "precision": "fp32",
                "logging_steps": 2, "group_by_length": False, "max_length": 128},
         evaluate={"batch_size": 8, "max_new_tokens": 8, "max_examples": None, "bootstrap": 100, "seed": 0},
-        search={"n_trials": 3, "max_share": 0.75, "eval_every": 2, "dev_examples": 6},
+        search={"n_trials": 3, "grid": 3, "max_share": 0.75},
     )
     del p["prepare"]
     return merged(p, sections)
@@ -109,6 +109,15 @@ def study(root: Path, storage: str | None = None, size: int | None = None):
                  if size is None or s.user_attrs["specialist_size"] == size]
     (summary,) = summaries
     return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def study_named(root: Path, name: str):
+    """One search's Optuna study, by name, in the project's journal."""
+    import optuna
+
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(root / "search" / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def free_port() -> int:

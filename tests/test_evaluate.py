@@ -228,7 +228,8 @@ def test_evaluate_generative_split(trained, monkeypatch, tiny_model):
     test = read_jsonl(root / "gen" / "prepared" / "specialist" / "test.jsonl")
     ids = [ex["id"] for ex in test]
     assert all(ex["options"] is None for ex in test)
-    assert calls["generate"] == [ids, ids, ids]  # tuned, base, pure specialist
+    # tuned, base; the pure specialist is the same adapter here (same sha256): its answers come from the cache
+    assert calls["generate"] == [ids, ids]
     assert calls["score_options"] == 0
     assert result["details"]["metric"] == "rouge_l" and "forgetting" not in result  # auto: generation -> ROUGE-L
     rows = read_jsonl(out / "predictions.jsonl")
@@ -258,3 +259,28 @@ def test_evaluate_dev_split_and_max_examples(trained, monkeypatch, tiny_model):
     rows = read_jsonl(root / "eval_dev" / "predictions.jsonl")
     assert [r["id"] for r in rows] == [ex["id"] for ex in read_jsonl(root / "prepared" / "specialist" / "dev.jsonl")[:5]]
     assert runs(uri)[-1].data.tags["mixtune.split"] == "dev"
+
+
+def test_answers_no_share_changes_are_computed_once(trained, monkeypatch, tiny_model):
+    """A second evaluate of the same models on the same examples with the same settings and code takes every
+    answer from .cache/answers (a `dvc exp run` that changes the share reruns only the tuned adapter's); a
+    changed scoring setting computes them again."""
+    root, uri, _ = trained
+    use_store(monkeypatch, root)
+    evaluate.run(_eval_cfg(), ModelConfig(base=str(tiny_model)), "auto", out=Path("eval_a"))
+    calls = []
+    predict = score.predict
+
+    def spy(model, tokenizer, examples, cfg):
+        calls.append(len(examples))
+        return predict(model, tokenizer, examples, cfg)
+
+    monkeypatch.setattr(score, "predict", spy)
+    evaluate.run(_eval_cfg(bootstrap=300), ModelConfig(base=str(tiny_model)), "auto", out=Path("eval_b"))
+    assert calls == []
+    assert (root / "eval_a" / "predictions.jsonl").read_bytes() == (root / "eval_b" / "predictions.jsonl").read_bytes()
+    evaluate.run(_eval_cfg(batch_size=2), ModelConfig(base=str(tiny_model)), "auto", out=Path("eval_c"))
+    # tuned and base, each on the 12 test examples and the 10-question probe; the pure specialist is the tuned
+    # adapter again (same sha256), answered from the cache
+    assert calls == [12, 10, 12, 10]
+    assert (root / "eval_a" / "predictions.jsonl").read_bytes() == (root / "eval_c" / "predictions.jsonl").read_bytes()

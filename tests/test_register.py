@@ -17,13 +17,13 @@ import search_project as sp
 from mixtune.files import read_jsonl, write_json, write_jsonl
 
 NAME = f"mixtune-{sp.TASK}"
-SEARCH = {"n_trials": 2, "sizes": [16, 40]}
+SEARCH = {"n_trials": 2, "grid": 2, "max_share": 0.5, "sizes": [16, 40]}  # shares 0 and 0.5
 TRIALS = [(size, n) for size in SEARCH["sizes"] for n in range(2)]
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, tiny_model) -> Path:
-    """A project after the whole chain: a search at two sizes (two studies of two baselines each: four mixes,
+    """A project after the whole chain: a search at two sizes (two searches of two grid shares each: four mixes,
     four adapters), the final adapter trained at the recommended share and evaluated, all in its MLflow store."""
     from mixtune import evaluate, mix, search, train
 

@@ -1,5 +1,6 @@
-"""search: baselines first, nested MLflow runs, outputs, a study that continues, failing and killed trials,
-two workers on one PostgreSQL study, and a search logging to a real `mlflow server`. Tiny model, a few steps."""
+"""search: the grid first, every trial to the end, nested MLflow runs, outputs, a search that continues (the
+Gaussian process's shares), failing and killed trials, two workers on one PostgreSQL search, a search logging to
+a real `mlflow server`, and the answer read from the curve. Tiny model, a few steps."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from conftest import REPO
 from mixtune import metrics as M
 from mixtune import search
 
-BASELINES = [0.0, 0.5]
+GRID = [0.0, 0.375, 0.75]  # search_project: grid 3 over [0, 0.75]
 
 
 @pytest.fixture
@@ -72,7 +73,8 @@ def test_a_fresh_clone_runs_every_stage():
         assert cached, f"stage {name}: every output is in git, so a fresh clone skips it"
 
 
-def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, tiny_model, monkeypatch):
+def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussian_process(project, tiny_model,
+                                                                                             monkeypatch):
     import time
 
     import mlflow
@@ -87,9 +89,8 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
     best = search.run(*sp.search_sections(project))
     study = sp.study(project)
     trials = study.trials
-    assert [t.params["generalist_share"] for t in trials[:2]] == BASELINES  # the baselines, in this order
+    assert [t.params["generalist_share"] for t in trials] == GRID  # the grid, in this order, every trial answered
     assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE"}
-    assert 0 < trials[2].params["generalist_share"] <= 0.75
     assert len(study.user_attrs["base_probe"]) == 8  # the base model's answers to the probe, once per study
     for t in trials:
         assert set(t.user_attrs) >= {"dev_metric", "dev_low", "dev_high", "dev_predictions", "probe", "trained_tokens",
@@ -98,36 +99,51 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
         assert len(t.user_attrs["dev_predictions"]) == 12  # every dev example, scored
         assert len(t.user_attrs["probe"]) == 8  # the same 8 held-out generalist questions for every trial
         assert (Path(t.user_attrs["adapter"]) / "adapter_config.json").is_file()
+        assert Path(t.user_attrs["adapter"]).parent.parent == project / ".cache" / "adapters"  # the trial cache
         dev = [json.loads(line) for line in open(project / "prepared" / "specialist" / "dev.jsonl")]
         want = M.macro_f1(t.user_attrs["dev_predictions"], [ex["completion"] for ex in dev], sp.LABELS)
         assert t.value == pytest.approx(want)  # auto: classification is judged by macro-F1
 
     # Outputs: one answer, for the size the final adapter is trained at.
     assert best["size"] == 16 and best["metric"] == "macro_f1" and best["tasks"] == [sp.TASK]
-    assert best["specialist_trial"] == 0 and best["how"] in ("fit", "best trial")
+    assert best["specialist_trial"] == 0 and best["recommend"] == "fewest_tokens"
+    # The curve: every share with its dev score and band; the recommended share is the smallest within noise
+    # of the best (fewest_tokens), and the best share is inside the near-optimal range.
+    assert [c["share"] for c in best["curve"]] == GRID
+    assert [c["dev"] for c in best["curve"]] == [t.value for t in trials]
+    values = [t.value for t in trials]
+    assert best["best_trial_share"] == GRID[values.index(max(values))]
+    assert best["best_trial_share"] in best["near_optimal"]
+    assert best["recommended_share"] == min(best["near_optimal"])
+    assert (best["near_optimal_low"], best["near_optimal_high"]) == (min(best["near_optimal"]),
+                                                                     max(best["near_optimal"]))
+    assert best["best_share_low"] <= best["best_trial_share"] <= best["best_share_high"]
     share = best["recommended_share"]
     assert best["answer"].startswith(f"For {sp.TASK} at 16 examples, ")
     if share > 0:
-        assert f"use a generalist share of r={share:.2f}, from " in best["answer"]
-        assert best["dev_gain_low"] > 0
+        assert f"use a generalist share of r={share:.2f}: the fewest generalist tokens among the shares" in best["answer"]
+    elif best["best_trial_share"] == 0:
+        assert "generalist data does not help here: use r=0, the pure specialist, which scores best" in best["answer"]
     else:
-        assert "generalist data does not help here: use r=0 (the pure specialist" in best["answer"]
+        assert "generalist data does not help measurably here: use r=0 (the pure specialist" in best["answer"]
+    assert f"Best measured share r={best['best_trial_share']:.2f}" in best["answer"]
+    assert ("at the top of the searched range" in best["answer"]) == (best["best_trial_share"] == 0.75)
     assert "Held-out generalist accuracy lost against the base model: " in best["answer"]
     assert best["answers"] == [best["answer"]]
-    assert "fit" in best and {"share", "share_low", "share_high", "concave", "gain"} <= set(best["fit"])
-    assert best["trials"] == {"complete": 3, "pruned": 0, "fail": 0}
+    assert best["trials"] == {"complete": 3, "fail": 0}
     assert best["trained_tokens_total"] == sum(t.user_attrs["trained_tokens"] for t in trials) > 0
     assert (project / "search" / "specialist_adapter" / "adapter_config.json").is_file()
     # best.json: the answer, without the run URI that would change it on every run
     assert json.loads((project / "search" / "best.json").read_text()) == {
-        k: v for k, v in best.items() if k != "specialist_adapter_uri"}
+        k: v for k, v in best.items() if k not in ("specialist_adapter_uri", "recommended_adapter")}
     numbers = json.loads((project / "search" / "metrics.json").read_text())
     assert numbers["recommended_share"] == share and numbers["trials"] == best["trials"]
     rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
     assert [r["trial"] for r in rows] == ["0", "1", "2"]
-    assert list(rows[0]) == ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "forgetting",
-                             "trained_tokens"]
-    assert [float(r["share"]) for r in rows[:2]] == BASELINES and {r["state"] for r in rows} == {"COMPLETE"}
+    assert list(rows[0]) == ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "near_optimal",
+                             "forgetting", "trained_tokens"]
+    assert [float(r["share"]) for r in rows] == GRID and {r["state"] for r in rows} == {"COMPLETE"}
+    assert [float(r["share"]) for r in rows if r["near_optimal"] == "1"] == best["near_optimal"]
     assert [float(r["dev_metric"]) for r in rows] == [t.value for t in trials]
     base_probe = M.from_bits(study.user_attrs["base_probe"]).mean()
     assert [float(r["forgetting"]) for r in rows] == pytest.approx(
@@ -153,7 +169,8 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent_id)}
     assert {"best.json", "trials.csv", "dev_vs_share.png"} <= artifacts
 
-    # n_trials 3 -> 4: the same study goes on; only trial 3 runs, the others are untouched
+    # n_trials 3 -> 4: the same search goes on; only trial 3 runs (the Gaussian process's share), the others
+    # are untouched
     before = {t.number: (t.datetime_start, t.user_attrs["mlflow_run_id"]) for t in trials}
     sp.write_params(project, tiny_model, search={"n_trials": 4})
     search.run(*sp.search_sections(project))
@@ -164,6 +181,7 @@ def test_search_runs_baselines_first_and_a_rerun_continues_the_study(project, ti
     _, nested = runs_of(parent_id)
     assert sorted(nested) == [0, 1, 2, 3]
     assert len({t.params["generalist_share"] for t in study.trials}) == 4  # no share drawn twice
+    assert 0 <= study.trials[3].params["generalist_share"] <= 0.75
     assert len(list(csv.DictReader(open(project / "search" / "trials.csv")))) == 4
 
     # n_trials reached: a third run runs nothing
@@ -177,7 +195,7 @@ def test_a_failing_trial_is_fail_and_the_study_goes_on(project, monkeypatch):
     real = mix.run
 
     def broken_at_half(cfg, *args, **kw):
-        if cfg.generalist_share == 0.5:
+        if cfg.generalist_share == 0.375:
             raise RuntimeError("disk full")
         return real(cfg, *args, **kw)
 
@@ -186,45 +204,24 @@ def test_a_failing_trial_is_fail_and_the_study_goes_on(project, monkeypatch):
     study = sp.study(project)
     assert states(study) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE"}
     assert study.trials[1].user_attrs["error"] == "disk full"
-    assert best["trials"] == {"complete": 2, "pruned": 0, "fail": 1}
+    assert best["trials"] == {"complete": 2, "fail": 1}
+    assert [c["share"] for c in best["curve"]] == [0.0, 0.75]  # the curve holds what was measured, nothing more
     _, nested = runs_of(study.user_attrs["mlflow_run_id"])
     assert nested[1].info.status == "FAILED" and nested[1].data.tags["mixtune.error"] == "disk full"
     rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
     assert rows[1]["state"] == "FAIL" and rows[1]["dev_metric"] == ""
 
-    # Fixed: the re-run runs the failed baseline again (a new trial) and stops at n_trials finished.
+    # Fixed: the re-run runs the failed grid share again (a new trial) and stops at n_trials finished.
     monkeypatch.setattr(mix, "run", real)
     search.run(*sp.search_sections(project))
     study = sp.study(project)
     assert states(study) == {0: "COMPLETE", 1: "FAIL", 2: "COMPLETE", 3: "COMPLETE"}
-    assert study.trials[3].params["generalist_share"] == 0.5
-
-
-def test_a_pruned_trial_stops_early_and_baselines_are_never_pruned(project, monkeypatch):
-    import optuna
-
-    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # the pruner always says stop
-    best = search.run(*sp.search_sections(project))
-    study = sp.study(project)
-    assert states(study) == {0: "COMPLETE", 1: "COMPLETE", 2: "PRUNED"}
-    trials = study.trials
-    # Everyone reports the dev subset every 2 steps (the baselines too: later trials are compared with them);
-    # the pruned trial stopped at its first report, after 2 of 4 steps.
-    assert [sorted(t.intermediate_values) for t in trials] == [[2], [2], [2]]
-    assert trials[2].user_attrs["trained_tokens"] < trials[0].user_attrs["trained_tokens"]
-    assert "dev_metric" not in trials[2].user_attrs and "adapter_uri" not in trials[2].user_attrs
-    _, nested = runs_of(study.user_attrs["mlflow_run_id"])
-    run = nested[2]
-    assert run.info.status == "FINISHED" and run.data.tags["mixtune.trial_state"] == "PRUNED"
-    assert run.data.tags["mixtune.pruned"].endswith("on 6 examples at step 2")
-    assert best["trials"] == {"complete": 2, "pruned": 1, "fail": 0}
-    rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
-    assert rows[2]["state"] == "PRUNED" and int(rows[2]["trained_tokens"]) == trials[2].user_attrs["trained_tokens"]
+    assert study.trials[3].params["generalist_share"] == 0.375
 
 
 def test_killed_mid_trial_then_rerun_continues(project, tiny_model):
-    """SIGKILL while trial 0 runs: the re-run marks it FAIL, runs the baseline again, loses no trial."""
-    sp.write_params(project, tiny_model, search={"n_trials": 2})
+    """SIGKILL while trial 0 runs: the re-run marks it FAIL, runs its share again, loses no trial."""
+    sp.write_params(project, tiny_model, search={"n_trials": 2, "grid": 2})
     proc = sp.mixtune(project, "search", env_extra={"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
     try:
         def trial_running():
@@ -249,11 +246,11 @@ def test_killed_mid_trial_then_rerun_continues(project, tiny_model):
     best = search.run(*sp.search_sections(project))
     study = sp.study(project)
     assert states(study) == {0: "FAIL", 1: "COMPLETE", 2: "COMPLETE"}
-    assert [t.params["generalist_share"] for t in study.trials] == [0.0, 0.5, 0.0]  # the baseline, run again
+    assert [t.params["generalist_share"] for t in study.trials] == [0.0, 0.75, 0.0]  # the share, run again
     _, nested = runs_of(study.user_attrs["mlflow_run_id"])
     assert nested[0].info.run_id == killed_run and nested[0].info.status == "FAILED"
     assert {n: r.info.status for n, r in nested.items()} == {0: "FAILED", 1: "FINISHED", 2: "FINISHED"}
-    assert best["trials"] == {"complete": 2, "pruned": 0, "fail": 1}
+    assert best["trials"] == {"complete": 2, "fail": 1}
 
 
 # --- PostgreSQL: two workers, one study ---------------------------------------------------------------------
@@ -315,8 +312,8 @@ def test_two_workers_share_one_postgres_study(project, tiny_model, postgres, mon
     study = sp.study(project, storage)
     trials = study.trials
     assert [t.number for t in trials] == [0, 1, 2, 3]  # exactly n_trials: none twice, none over
-    assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
-    assert [t.params["generalist_share"] for t in trials[:2]] == BASELINES  # each baseline once
+    assert {t.state.name for t in trials} == {"COMPLETE"}
+    assert [t.params["generalist_share"] for t in trials[:3]] == GRID  # each grid share once
     pids = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in trials}
     assert pids == {str(w.pid) for w in workers}  # both contributed
     _, nested = runs_of(study.user_attrs["mlflow_run_id"], tracking)
@@ -326,11 +323,11 @@ def test_two_workers_share_one_postgres_study(project, tiny_model, postgres, mon
     # The stage itself finds the study complete, runs nothing and writes the outputs; with the trials' folders
     # gone (as if they ran on other machines), it takes the pure specialist's adapter from MLflow.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    shutil.rmtree(project / ".cache" / "search")
+    shutil.rmtree(project / ".cache" / "adapters")
     best = search.run(*sp.search_sections(project))
     assert (project / "search" / "specialist_adapter" / "adapter_config.json").is_file()
     assert len(sp.study(project, storage).trials) == 4
-    assert best["trials"]["complete"] + best["trials"]["pruned"] == 4
+    assert best["trials"] == {"complete": 4, "fail": 0}
 
 
 # --- a real MLflow tracking server ---------------------------------------------------------------------------
@@ -350,7 +347,7 @@ def test_search_logs_to_an_mlflow_server(project, tiny_model, mlflow_server, mon
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    sp.write_params(project, tiny_model, search={"n_trials": 2})
+    sp.write_params(project, tiny_model, search={"n_trials": 2, "grid": 2})
     best = search.run(*sp.search_sections(project))
     study = sp.study(project)
     parent, nested = runs_of(study.user_attrs["mlflow_run_id"], mlflow_server)
@@ -376,38 +373,42 @@ def _studies(root: Path) -> dict[str, int]:
             for s in optuna.get_all_study_summaries(storage)}
 
 
-def test_edited_code_starts_a_new_study_and_an_unchanged_rerun_runs_nothing(project, tiny_model):
-    """The package copied into the project is the code that runs; a comment added to its score.py is new
-    code: the next search measures again under a new study name instead of replaying the old trials."""
+def test_edited_code_starts_a_new_search_a_comment_or_an_unchanged_rerun_runs_nothing(project, tiny_model):
+    """The package copied into the project is the code that runs. A comment added to its search.py changes no
+    code: the next search re-uses the trials. A changed line of score.py is new code: the next search measures
+    again under a new name instead of replaying the old trials."""
     src = project / "src"
     shutil.copytree(REPO / "src" / "mixtune", src / "mixtune")
-    sp.write_params(project, tiny_model, search={"n_trials": 2})
+    sp.write_params(project, tiny_model, search={"n_trials": 2, "grid": 2})
 
     def search_in_copy() -> str:
         proc = sp.mixtune(project, "search", env_extra={"PYTHONPATH": str(src),
                                                         "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]})
         out = proc.communicate(timeout=600)[0]
         assert proc.returncode == 0, out
-        return json.loads((project / "search" / "best.json").read_text())["study"]
+        return json.loads((project / "search" / "best.json").read_text())["search"]
 
     first = search_in_copy()
     assert _studies(project) == {first: 2}
     assert search_in_copy() == first and _studies(project) == {first: 2}  # unchanged: nothing runs again
+    search_py = src / "mixtune" / "search.py"
+    search_py.write_text(search_py.read_text().replace("\ndef grid(", "\n# why: a comment\ndef grid(", 1))
+    assert search_in_copy() == first and _studies(project) == {first: 2}  # a comment: nothing runs again
 
     score_py = src / "mixtune" / "score.py"
-    score_py.write_text(score_py.read_text() + "# an edit\n")
+    score_py.write_text(score_py.read_text() + "EDITED = True\n")
     second = search_in_copy()
     assert second != first and _studies(project) == {first: 2, second: 2}  # the old study stays in storage
     from mlflow import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    tagged = {r.data.tags["mixtune.study"] for r in client.search_runs(
+    tagged = {r.data.tags["mixtune.search"] for r in client.search_runs(
         [e.experiment_id for e in client.search_experiments()], "tags.`mixtune.stage` = 'search'")}
     assert tagged == {first, second}
 
 
 @pytest.mark.parametrize("section, key, value", [("evaluate", "max_new_tokens", 4), ("evaluate", "batch_size", 3),
-                                                 ("train", "learning_rate", 1e-3), ("search", "eval_every", 3),
+                                                 ("train", "learning_rate", 1e-3), ("search", "grid", 2),
                                                  ("mix", "seed", 1)])
 def test_every_parameter_that_changes_a_score_names_a_new_study(project, tiny_model, section, key, value):
     def name(**sections):
@@ -416,7 +417,8 @@ def test_every_parameter_that_changes_a_score_names_a_new_study(project, tiny_mo
         return search.study_definition(cfg, mix, train, model, score, 16, project / "prepared")
 
     base = name()
-    assert name(search={"n_trials": 7, "timeout": 60}) == base  # more trials continue the same study
+    # more trials, or another reading of the same curve, continue the same search
+    assert name(search={"n_trials": 7, "timeout": 60, "recommend": "least_forgetting", "max_forgetting": 0.1}) == base
     assert name(**{section: {key: value}}) != base
 
 
@@ -451,52 +453,72 @@ def _study(points: list[tuple[float, int, str]], base_probe: str = "1111111111")
     return study, dev
 
 
-def _recommend(points, metric="accuracy", max_forgetting=None, base_probe="1111111111"):
+def _recommend(points, metric="accuracy", base_probe="1111111111", **search_keys):
     from mixtune import score
 
     study, dev = _study(points, base_probe)
-    cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5, "max_forgetting": max_forgetting})
+    cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5, "n_trials": 6, "grid": 6, **search_keys})
     return search.recommend(study, score.Scorer(dev, metric), cfg, 300)
 
 
-def test_an_unsupported_fit_gives_the_best_trial_and_says_so():
-    # Rising ever faster: the quadratic through three points is convex, its best is an end. No law to trust.
+def test_a_rising_curve_recommends_the_top_and_says_to_widen_the_range():
     r = _recommend([(0.0, 100, "1111100000"), (0.25, 110, "1111100000"), (0.5, 170, "1111100000")])
-    assert r["how"] == "best trial" and r["recommended_share"] == 0.5 and r["best_trial"] == 2
-    assert r["fit"]["concave"] is False
-    assert "use a generalist share of r=0.50, from the best trial (the mixing law does not pin the best share " \
-           "down (the fitted curve has no maximum inside the range)): dev accuracy +0.350 [" in r["answer"]
-    assert r["dev_gain"] == pytest.approx(0.35) and r["dev_gain_low"] > 0
+    assert r["best_trial"] == 2 and r["near_optimal"] == [0.5] and r["recommended_share"] == 0.5
+    assert (r["best_share_low"], r["best_share_high"]) == (0.5, 0.5)
+    assert r["dev_gain"] == pytest.approx(0.35) and r["dev_gain_low"] > 0.25
+    assert r["at_top_of_range"] is True
+    assert r["answer"].startswith(f"For {sp.TASK} at 64 examples, use a generalist share of r=0.50: the fewest "
+                                  "generalist tokens among the shares within noise of the best (near-optimal range "
+                                  "r in [0.50, 0.50], 1 of 3 shares); dev accuracy +0.350 [")
+    assert "it is at the top of the searched range (search.max_share=0.5): widen it." in r["answer"]
 
 
-def test_a_supported_fit_recommends_the_laws_best_share():
-    # Up, then down: a concave law with its maximum inside, pinned down by 200 examples per trial.
-    r = _recommend([(0.0, 100, "1111100000"), (0.1, 140, "1111110000"), (0.25, 160, "1111111000"),
-                    (0.4, 140, "1111110000"), (0.5, 110, "1111100000")])
-    assert r["how"] == "fit" and r["fit"]["concave"]
-    assert r["recommended_share"] == pytest.approx(r["fit"]["share"]) and 0.1 < r["recommended_share"] < 0.4
-    assert r["answer"].startswith(f"For {sp.TASK} at 64 examples, use a generalist share of "
-                                  f"r={r['recommended_share']:.2f}, from the mixing law fitted to 5 trials (r in [")
-    # forgetting at the fitted share, interpolated between the measured ones, against the pure specialist's
-    assert r["specialist_forgetting"] == pytest.approx(0.5) and r["forgetting"] < 0.5
-    assert f"{r['forgetting']:+.2f} at r={r['recommended_share']:.2f}, +0.50 for the pure specialist." in r["answer"]
+# Up, then flat, then down (right answers of 200): 0.1, 0.25 and 0.4 differ by 2-3 examples, within noise.
+FLAT_TOP = [(0.0, 100, "1111100000"), (0.1, 153, "1110000000"), (0.25, 155, "1111000000"),
+            (0.4, 152, "1111111110"), (0.5, 120, "1111111111")]
 
 
-def test_no_share_beyond_the_interval_recommends_the_pure_specialist():
+def test_the_near_optimal_range_and_the_fewest_tokens_in_it():
+    r = _recommend(FLAT_TOP)
+    assert r["best_trial_share"] == 0.25 and r["near_optimal"] == [0.1, 0.25, 0.4]
+    assert r["recommended_share"] == 0.1 and r["recommended_trial"] == 1  # the smallest share within noise
+    assert r["dev_gain"] == pytest.approx(0.265)
+    assert [c["share"] for c in r["curve"]] == [0.0, 0.1, 0.25, 0.4, 0.5]
+    assert all(c["low"] <= c["dev"] <= c["high"] for c in r["curve"])
+    assert r["at_top_of_range"] is False and "widen" not in r["answer"]
+    assert "near-optimal range r in [0.10, 0.40], 3 of 5 shares" in r["answer"]
+    assert "Best measured share r=0.25 (dev accuracy 0.775;" in r["answer"]
+    # forgetting at the recommended share and for the pure specialist, against the base model (all right)
+    assert r["forgetting"] == pytest.approx(0.7) and r["specialist_forgetting"] == pytest.approx(0.5)
+    assert "Held-out generalist accuracy lost against the base model: +0.70 at r=0.10, +0.50 for the pure " \
+           "specialist." in r["answer"]
+
+
+def test_least_forgetting_picks_another_share_of_the_same_range():
+    r = _recommend(FLAT_TOP, recommend="least_forgetting")
+    assert r["near_optimal"] == [0.1, 0.25, 0.4] and r["recommended_share"] == 0.4
+    assert r["forgetting"] == pytest.approx(0.1)
+    assert "use a generalist share of r=0.40: the least forgetting among the shares" in r["answer"]
+
+
+def test_no_share_beyond_the_noise_recommends_the_pure_specialist():
     r = _recommend([(0.0, 120, "1111100000"), (0.5, 122, "1111111111")])
-    assert r["recommended_share"] == 0.0 and r["dev_gain"] == 0.0
-    assert "generalist data does not help here: use r=0 (the pure specialist, dev accuracy 0.600)" in r["answer"]
-    assert "the best trial (fewer than 3 shares completed) puts the best share at r=0.50, only +0.010 [" in r["answer"]
+    assert r["near_optimal"] == [0.0, 0.5] and r["recommended_share"] == 0.0 and r["dev_gain"] == 0.0
+    assert "generalist data does not help measurably here: use r=0 (the pure specialist, dev accuracy 0.600), " \
+           "which is within noise of the best share r=0.50 (dev 0.610)" in r["answer"]
 
 
-def test_max_forgetting_leaves_out_the_shares_that_forget_more():
-    points = [(0.0, 100, "1111111000"), (0.25, 150, "1100000000"), (0.5, 130, "1111111100")]
+def test_max_forgetting_recommends_within_it_and_names_the_smallest_share_that_keeps_it():
+    points = [(0.0, 100, "1111111000"), (0.25, 150, "1100000000"), (0.5, 151, "1111111100")]
     free = _recommend(points)
-    assert free["best_trial"] == 1 and free["excluded_by_forgetting"] == []
-    bound = _recommend(points, max_forgetting=0.2)  # share 0.25 forgets 0.5 more than the pure specialist
-    assert bound["excluded_by_forgetting"] == [1] and bound["best_trial"] == 2
-    assert bound["recommended_share"] == 0.5
-    assert bound["answer"].endswith("Left out by search.max_forgetting=0.2: r=0.25.")
+    assert free["near_optimal"] == [0.25, 0.5] and free["recommended_share"] == 0.25
+    assert free["smallest_share_within_max_forgetting"] is None and "max_forgetting" not in free["answer"]
+    bound = _recommend(points, max_forgetting=0.25)  # 0 forgets 0.3 and 0.25 forgets 0.8 of the base's 1.0
+    assert bound["recommended_share"] == 0.5 and bound["smallest_share_within_max_forgetting"] == 0.5
+    assert bound["answer"].endswith("Smallest share within search.max_forgetting=0.25: r=0.50.")
+    none = _recommend(points, max_forgetting=0.1)
+    assert none["recommended_share"] == 0.0 and none["smallest_share_within_max_forgetting"] is None
+    assert "keeps forgetting within search.max_forgetting=0.1: use r=0, the pure specialist" in none["answer"]
 
 
 def test_the_metric_decides_the_recommendation():
@@ -520,6 +542,13 @@ def test_the_metric_decides_the_recommendation():
                 params={"generalist_share": share}, distributions=dist,
                 value=scorer.value(scorer.encode(preds))[0],
                 user_attrs={"dev_predictions": preds, "adapter": f"/a/{n}", "adapter_uri": f"runs:/r{n}/adapter"}))
-        cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5})
+        cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5, "n_trials": 6, "grid": 6})
         results[metric] = search.recommend(study, scorer, cfg, 300)["best_trial"]
     assert results == {"accuracy": 0, "macro_f1": 1}
+
+
+def test_the_pure_specialist_scoring_best_is_said_plainly():
+    r = _recommend([(0.0, 150, "1111100000"), (0.25, 120, "1111100000"), (0.5, 100, "1111100000")])
+    assert r["best_trial_share"] == 0.0 and r["recommended_share"] == 0.0 and r["near_optimal"] == [0.0]
+    assert r["answer"].startswith(f"For {sp.TASK} at 64 examples, generalist data does not help here: use r=0, the "
+                                  "pure specialist, which scores best. Best measured share r=0.00 (dev accuracy 0.750;")

@@ -31,19 +31,19 @@ def _prepare(args) -> None:
 
 def _check(args) -> None:
     """prepare's reading, checks and card, nothing else kept: what training will see, before an hour of it."""
-    import shutil
     import tempfile
 
     from mixtune import prepare
     from mixtune.config import load_section
+    from mixtune.files import atomic_file
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare.run(load_section("prepare", args.params), load_section("model", args.params),
                     load_section("train", args.params, keys=prepare.TRAIN_KEYS).max_length, Path(args.root),
                     Path(tmp))
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        shutil.move(Path(tmp) / "card.md", Path(args.out) / "card.md.tmp")
-        (Path(args.out) / "card.md.tmp").replace(Path(args.out) / "card.md")
+        card = (Path(tmp) / "card.md").read_bytes()
+    with atomic_file(Path(args.out) / "card.md", "wb") as f:
+        f.write(card)
     print((Path(args.out) / "card.md").read_text(), end="")
 
 
@@ -62,8 +62,9 @@ def _train(args) -> None:
     from mixtune.config import load_section
 
     m = train.run(load_section("train", args.params), load_section("model", args.params), Path(args.mix), Path(args.out))
-    print(f"train: {m['steps']} steps, {m['trained_tokens']} tokens at {m['tokens_per_second']:.0f} tokens/s, "
-          f"loss {m['train_loss']:.4f}; adapter in {args.out}/adapter")
+    speed = f" at {m['tokens_per_second']:.0f} tokens/s" if "tokens_per_second" in m else " (a search trial's)"
+    print(f"train: {m['steps']} steps, {m['trained_tokens']} tokens{speed}, loss {m['train_loss']:.4f}; adapter in "
+          f"{args.out}/adapter")
 
 
 def _evaluate(args) -> None:

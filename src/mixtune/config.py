@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model,
+                      field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from mixtune.errors import MixtuneError
 
@@ -23,6 +25,10 @@ class _Section(BaseModel):
 # --- sources ------------------------------------------------------------------------------------------------
 
 Format = Literal["alpaca", "messages", "prompt_completion", "classification"]
+# The schema fields of each format, the keys its `columns` may map to a file's columns.
+COLUMNS: dict[str, tuple[str, ...]] = {"alpaca": ("instruction", "input", "output"), "messages": ("messages",),
+                                       "prompt_completion": ("prompt", "completion"),
+                                       "classification": ("text", "label")}
 
 
 class _SourceBase(_Section):
@@ -50,6 +56,17 @@ class _RecordSource(_SourceBase):
     # `split`; `split_column`: a column holding each record's split (train; dev or validation; test).
     splits: dict[Literal["dev", "test"], str] = {}
     split_column: str | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        allowed = COLUMNS.get(info.data.get("format"), ())
+        unknown = [k for k in columns if k not in allowed]
+        if allowed and unknown:  # a typo (`txt:` for `text:`) would leave the field on its default column
+            raise PydanticCustomError(
+                "unknown_column", "unknown key {key} (the {format} format's columns: {allowed})",
+                {"key": repr(unknown[0]), "format": info.data["format"], "allowed": ", ".join(allowed)})
+        return columns
 
 
 class FileSource(_RecordSource):
@@ -97,6 +114,9 @@ class PrepareConfig(_Section):
     too_long: Literal["error", "truncate_input"]
     min_eval_examples: int = Field(ge=0)  # a dev or test split smaller than this measures nothing: an error
     max_record_chars: int = Field(gt=0)  # a record larger than this (its input and answer) is an error
+    # A file or BIG-bench source outside the data DVC versions (data/, a path a .dvc file or a dvc.yaml stage
+    # tracks) is an error; true reads it anyway, and the card and the MLflow run say "not versioned".
+    allow_unversioned: bool
     # Multiple-choice generalist questions set aside from the pool, never mixed in: every search trial and the
     # evaluate stage score them to measure forgetting (the same questions every time).
     generalist_probe: int = Field(ge=0)
@@ -171,21 +191,31 @@ class EvaluateConfig(ScoreConfig):
 
 class SearchConfig(_Section):
     n_trials: int = Field(gt=0)  # trials wanted in all, per size; a re-run runs only the missing ones
+    # The first trials: `grid` shares evenly spaced over [0, max_share] (0 is the pure specialist); the trials
+    # after them (up to n_trials) are proposed by a Gaussian process fitted to the curve so far.
+    grid: int = Field(gt=0)
     # The task's own metric (score.py): auto = macro_f1 (classification), accuracy (multiple choice), rouge_l
     # (generation); a scenario of several tasks is scored by the mean of its tasks'.
     metric: Literal["auto", "accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l"]
-    # Leave out shares whose probe accuracy falls below the pure specialist's by more than this (null: keep all).
+    # Which share of the near-optimal range (within noise of the best) to recommend.
+    recommend: Literal["fewest_tokens", "least_forgetting"]
+    # Recommend only shares that lose at most this much held-out generalist accuracy against the base model
+    # (null: any); the answer names the smallest share within it.
     max_forgetting: float | None = Field(ge=0, le=1)
     timeout: float | None = Field(gt=0)  # seconds; no new trial starts after it
     max_share: float = Field(gt=0, lt=1)  # generalist_share is searched in [0, max_share]
     seed: int
-    # None: a file-backed study in the repository (search/optuna.journal). A database URL, e.g.
-    # postgresql://user@host/db: one study that `mixtune search --worker` processes on several machines share.
+    # None: a file-backed search in the repository (search/optuna.journal). A database URL, e.g.
+    # postgresql://user@host/db: one search that `mixtune search --worker` processes on several machines share.
     storage: str | None = Field(pattern=r"^[a-z][a-z0-9+]*://")
-    pruner: Literal["median", "none"]
-    eval_every: int = Field(gt=0)  # steps between the dev evaluations a pruner decides on
-    dev_examples: int | None = Field(gt=0)  # dev examples scored at each of them (None: all)
     sizes: list[Annotated[int, Field(gt=0)]] | None = Field(min_length=1)  # None: [mix.specialist_size]
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.n_trials < self.grid:
+            raise ValueError(f"n_trials ({self.n_trials}) must be at least grid ({self.grid}): the grid spans the "
+                             "range, and a cut grid would leave its top untried")
+        return self
 
 
 class RegisterConfig(_Section):
@@ -230,7 +260,7 @@ class StudyConfig(_Section):
     dev_examples: int = Field(gt=0)  # dev examples that choose the share (the search condition)
     test_examples: int = Field(gt=0)  # test examples every number of the report is measured on
     corrupt_generalist: list[Annotated[float, Field(gt=0, le=1)]]  # rates; 0 is the uncorrupted cell
-    corrupt_targets: list[str]  # the targets the corruption rates run on (at the largest size)
+    corrupt_targets: list[str]  # the targets the corruption rates run on (at every size, at the fixed share)
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:

@@ -7,22 +7,27 @@ Outputs: eval/metrics.json (numbers: DVC metrics), eval/details.json (what was m
 (every system's answer per example; register reads it), eval/confusion.csv (DVC plot). Run ids and timings go
 to MLflow only, so a re-run that measures the same changes no tracked file: the evaluate run carries the
 sha256 of the predictions it wrote and of the adapter it scored, and the train run's id.
+
+Answers are cached in .cache/answers/<key>, the key naming the model (the base model's config, an adapter's
+sha256), the examples, the scoring settings and the scoring code: the base model's and the pure specialist's
+answers, which no share changes, are computed once, not in every `dvc exp run`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mixtune import score
+from mixtune import lineage, score
 from mixtune.config import EvaluateConfig, ModelConfig
 from mixtune.errors import MixtuneError
-from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json, write_jsonl
+from mixtune.files import atomic_file, dumps, read_jsonl, sha256_file, write_json, write_jsonl
 from mixtune.model import adapter_file, load_adapter, load_base, load_tokenizer, require_adapter, resolve_base
-from mixtune.tracking import ADAPTER_TAG, PREDICTIONS_TAG, Timer, find_run, log_dataset, mix_label, stage_run
+from mixtune.tracking import ADAPTER_TAG, PREDICTIONS_TAG, Timer, find_run, log_dataset, mix_label, repo_root, stage_run
 
 SYSTEMS = ("tuned", "base", "specialist")
 
@@ -31,6 +36,31 @@ def _read(path: Path, stage: str) -> dict:
     if not path.is_file():
         raise MixtuneError(f"{path}: no such file (run the {stage} stage first)")
     return json.loads(path.read_text())
+
+
+def _answer_key(model: dict, examples: list[dict], cfg) -> str:
+    blob = json.dumps({"model": model, "examples": hashlib.sha256("\n".join(map(dumps, examples)).encode()).hexdigest(),
+                       "score": {k: getattr(cfg, k) for k in ("batch_size", "max_new_tokens")},
+                       "code": lineage.fingerprint(["mixtune.score", "mixtune.model"])[:16]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def answers(model_id: dict, load, tokenizer, sets: dict[str, list[dict]], cfg) -> tuple[dict[str, list[str]], float | None]:
+    """Each set's answers by the model `load()` gives, from the cache when this model, these examples, these
+    settings and this code answered them before; -> (answers per set, seconds per example of the first set,
+    None when cached)."""
+    paths = {name: repo_root() / ".cache" / "answers" / f"{_answer_key(model_id, ex, cfg)}.json"
+             for name, ex in sets.items()}
+    if all(p.is_file() for p in paths.values()):
+        return {name: json.loads(p.read_text()) for name, p in paths.items()}, None
+    model, out, per_example = load(), {}, None
+    for name, examples in sets.items():
+        t = time.perf_counter()
+        out[name] = score.predict(model, tokenizer, examples, cfg)
+        per_example = per_example or (time.perf_counter() - t) / max(len(examples), 1)
+        with atomic_file(paths[name]) as f:
+            json.dump(out[name], f)
+    return out, per_example
 
 
 def numbers(cmp: dict, probe: dict | None, share: float) -> dict:
@@ -84,13 +114,16 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
         tokenizer = load_tokenizer(base_path)
         preds, probe_preds, seconds = {}, {}, {}
         for system in SYSTEMS:  # a fresh base for each: PEFT injects an adapter into the model it is given
-            model = load_base(base_path)
-            if system != "base":
-                model = load_adapter(model, adapters[system])
-            t = time.perf_counter()
-            preds[system] = score.predict(model, tokenizer, examples, cfg)
-            seconds[system] = time.perf_counter() - t
-            probe_preds[system] = score.predict(model, tokenizer, probe, cfg)
+            path = adapters.get(system)
+            model_id = {"base": model_cfg.model_dump()} | (
+                {"adapter": sha256_file(adapter_file(path)), "config": sha256_file(path / "adapter_config.json")}
+                if path else {})
+            got, seconds[system] = answers(
+                model_id, lambda p=path: load_adapter(load_base(base_path), p) if p else load_base(base_path),
+                tokenizer, {"examples": examples, "probe": probe}, cfg)
+            preds[system], probe_preds[system] = got["examples"], got["probe"]
+            print(f"evaluate: {system}: " + ("answers computed" if seconds[system] is not None else
+                                             "answers from the cache (same model, examples, settings and code)"))
 
         cmp = score.compare(score.Scorer(examples, metric), preds, cfg.bootstrap, cfg.seed,
                             gains=(("tuned", "base"), ("tuned", "specialist")))
@@ -115,7 +148,8 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
             flat |= {f"test.{s}.{metric}.{t}": v for s in SYSTEMS for t, v in cmp[s]["per_task"].items()}
             if forgetting:
                 flat |= {f"forgetting.{s}": forgetting[f"base-{s}"]["value"] for s in ("tuned", "specialist")}
-            mlflow.log_metrics({**flat, "seconds_per_example": seconds["tuned"] / len(examples)})
+            mlflow.log_metrics(flat | ({"seconds_per_example": seconds["tuned"]} if seconds["tuned"] else {}))
+            mlflow.set_tag("mixtune.answers_cached", ",".join(s for s in SYSTEMS if seconds[s] is None))
             t, g = cmp["tuned"], cmp["tuned-base"]
             mlflow.set_tag("mlflow.note.content", f"test {metric} {t['value']:.3f} [{t['low']:.3f}, {t['high']:.3f}], "
                                                   f"{g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}] over the base model")

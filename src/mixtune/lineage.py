@@ -2,10 +2,11 @@
 `import mixtune...` / `from mixtune... import` statements (function-level imports included), and their hash.
 
 Two users: the test that checks every stage of dvc.yaml declares the files its command can import, and the
-caches of our own (the search's Optuna study, the study's cells), whose keys include `fingerprint(...)` so that
-an edited source file never replays a result the old code measured. Deliberately coarse: a module counts whole
-once anything in it is imported, so an edited comment counts as a change too. A stale answer costs more than a
-re-run.
+caches of our own (the search's Optuna study, the study's cells, trained adapters), whose keys include
+`fingerprint(...)` so that edited code never replays a result the old code measured. Deliberately coarse: a module
+counts whole once anything in it is imported. What counts is the code (its syntax tree), not its comments or
+docstrings: a comment starts no new search. DVC, which hashes the files, still reruns a stage whose file changed;
+when the change provably moves no output, `dvc commit` records it.
 """
 
 from __future__ import annotations
@@ -80,15 +81,28 @@ def files(modules: set[str]) -> list[Path]:
     return sorted(module_file(m) for m in modules)
 
 
+def code_of(path: Path) -> str:
+    """What a module computes: its syntax tree without docstrings (comments never reach the tree) and without
+    line numbers, so a comment, a docstring or a blank line changes no cache key, and any change of code does."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, annotate_fields=False)
+
+
 def fingerprint(modules: list[str]) -> str:
-    """sha256 over the source of `modules` and all they can import (paths relative to the package)."""
+    """sha256 over the code (`code_of`) of `modules` and all they can import (paths relative to the package)."""
     h = hashlib.sha256()
     for path in files(closure(modules)):
-        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + code_of(path).encode() + b"\0")
     return h.hexdigest()
 
 
-# --- what reruns when: derived from the dvc.yaml files, for the README --------------------------------------
+# --- what reruns when: derived from the dvc.yaml files, for docs/pipeline.md -------------------------------
 
 
 def _stages(repo: Path, dvc_files: tuple[str, ...]) -> dict[str, dict]:
@@ -146,5 +160,5 @@ def rerun_table(repo: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m mixtune.lineage: the README's table
+if __name__ == "__main__":  # python -m mixtune.lineage: the table in docs/pipeline.md
     print(rerun_table(Path.cwd()), end="")

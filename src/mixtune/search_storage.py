@@ -145,28 +145,25 @@ def _storage(url: str | None):
         raise MixtuneError(f"search.storage {shown}: {first_line(e)}") from None
 
 
-def open_study(cfg, name: str, size: int, claim: Claim, baselines: list[float]):
-    """Create or load the study; enqueue each baseline unless a trial at its share is done, running or queued
-    (a failed one is run again)."""
+def open_study(cfg, name: str, size: int, claim: Claim, grid: list[float]):
+    """Create or load the search's Optuna study; enqueue each share of the grid unless a trial at it is done,
+    running or queued (a failed one is run again)."""
     import optuna
     from optuna.trial import TrialState
 
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=len(baselines)) if cfg.pruner == "median" \
-        else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     claim.acquire()
     try:
         storage = _storage(cfg.storage)  # under the claim: workers starting together would race to create tables
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", pruner=pruner,
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                     load_if_exists=True)
         if "specialist_size" not in study.user_attrs:
             study.set_user_attr("specialist_size", size)
         claim.fail_stale(study)
-        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                        TrialState.RUNNING, TrialState.WAITING))
-        for share in baselines:
+        live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING))
+        for share in grid:
             if not any(share_of(t) == share for t in live):
-                study.enqueue_trial({"generalist_share": share}, user_attrs={"baseline": True})
+                study.enqueue_trial({"generalist_share": share}, user_attrs={"grid": True})
     finally:
         claim.release()
     return study
@@ -203,14 +200,13 @@ def parent_run(study, claim: Claim, tasks: list[str], params: dict, tags: dict, 
 
 @contextlib.contextmanager
 def trial_run(parent: Parent, trial, share: float, size: int, timer: Timer):
-    """A trial's nested MLflow run; it ends FINISHED (complete or pruned), FAILED or KILLED, as the trial."""
+    """A trial's nested MLflow run; it ends FINISHED (complete), FAILED or KILLED, as the trial."""
     import mlflow
-    import optuna
 
     with timer():
         run = mlflow.start_run(experiment_id=parent.experiment_id, run_name=f"trial {trial.number} r={share:.2f}", nested=True,
                                parent_run_id=parent.run_id,
-                               tags={"mixtune.stage": "search-trial", "mixtune.study": trial.study.study_name,
+                               tags={"mixtune.stage": "search-trial", "mixtune.search": trial.study.study_name,
                                      "mixtune.trial": str(trial.number), "mixtune.worker": trial.user_attrs["worker"]})
         mlflow.log_params({"trial": trial.number, "generalist_share": share, "specialist_size": size})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -218,11 +214,6 @@ def trial_run(parent: Parent, trial, share: float, size: int, timer: Timer):
     try:
         yield run
         state, status = "COMPLETE", "FINISHED"
-    except optuna.TrialPruned as e:
-        state, status = "PRUNED", "FINISHED"
-        with timer():
-            mlflow.set_tag("mixtune.pruned", str(e))
-        raise
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -6,12 +6,13 @@ stage's MLflow run carries the adapter (artifacts under adapter/) and its sha256
 and register find it.
 Checkpoints go to .cache/checkpoints/<key of inputs and params>: DVC deletes a stage's outputs before it runs,
 so they live outside them, and a re-run after an interruption resumes from the last one.
+When a search trial already trained this exact mix with this config and code (mixtune.trial), the stage takes
+its adapter, loss curve and metrics instead of training them again, and says so in its log and MLflow run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import math
@@ -22,14 +23,13 @@ from pathlib import Path
 
 from mixtune.config import ModelConfig, TrainConfig
 from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
+from mixtune.files import atomic_dir, read_jsonl, sha256_file
 from mixtune.model import adapter_file, load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import ADAPTER_TAG, Timer, log_dataset, mix_label, repo_root, stage_run
+from mixtune.tracking import ADAPTER_TAG, REUSED_TAG, Timer, log_dataset, mix_label, repo_root, stage_run
 
 # LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
 # frozen base weights get no gradient).
 FLOP_PER_PARAM_TOKEN = 4
-TRACKED = ("train_loss", "final_loss", "steps", "trained_tokens")  # train/metrics.json: no timings
 
 
 def to_conversational(example: dict) -> dict:
@@ -117,7 +117,17 @@ def _trainer_class():
     return CompletionTrainer
 
 
-def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list):
+def _log_step(row: dict, step: int, state, timer: Timer) -> None:
+    """A logged step into the active MLflow run, if there is one (rank 0 only): logging with none active would
+    start a run of its own and leave it open."""
+    import mlflow
+
+    if state.is_world_process_zero and mlflow.active_run() is not None:
+        with timer():
+            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=step)
+
+
+def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list, save_steps: int):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -131,20 +141,17 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
                     row = {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate", 0.0),
                            "grad_norm": e.get("grad_norm", 0.0), "tokens_per_second": e.get("tokens_per_second", 0.0)}
                     log_rows.append(row)
-                    if state.is_world_process_zero:
-                        import mlflow
-
-                        with timer():
-                            mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=row["step"])
+                    _log_step(row, row["step"], state, timer)
 
         def on_step_end(self, args, state, control, **kw):
             if stop.requested:
                 control.should_save = True
                 control.should_training_stop = True
-            # Log whenever a checkpoint is saved, so its log history holds every step's loss up to it (the
-            # Trainer keeps the not-yet-logged losses only in memory): a resumed run's train_loss and loss.csv
-            # then cover the whole training.
-            if control.should_save:
+            # Log whenever a checkpoint is (or would be) saved, so its log history holds every step's loss up to
+            # it (the Trainer keeps the not-yet-logged losses only in memory): a resumed run's train_loss and
+            # loss.csv then cover the whole training. At every save_steps even without checkpoints (a search
+            # trial), so a trial's loss curve is the train stage's row for row (logging moves no weight).
+            if control.should_save or state.global_step % save_steps == 0:
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -164,11 +171,7 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
                    "grad_norm": logs.get("grad_norm", 0.0), "tokens_per_second": tps}
             log_rows.append(row)
             state.log_history[-1]["tokens_per_second"] = tps  # saved with the checkpoint, for a resumed curve
-            if state.is_world_process_zero:
-                import mlflow
-
-                with timer():
-                    mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=state.global_step)
+            _log_step(row, state.global_step, state, timer)
 
     return [Progress()]
 
@@ -177,7 +180,7 @@ def add_progress(trainer, cfg: TrainConfig, timer: Timer, log_rows: list, stop: 
     """Per-step loss, learning rate and throughput into `log_rows` and the active MLflow run; a non-finite loss
     raises MixtuneError; `stop` (SIGINT/SIGTERM) ends training at a saved checkpoint."""
     steps_per_epoch = math.ceil(len(trainer.train_dataset) / (cfg.batch_size * cfg.grad_accum))
-    for cb in _callbacks(stop or _Stop(), dataset_tokens(trainer) / steps_per_epoch, timer, log_rows):
+    for cb in _callbacks(stop or _Stop(), dataset_tokens(trainer) / steps_per_epoch, timer, log_rows, cfg.save_steps):
         trainer.add_callback(cb)
 
 
@@ -288,7 +291,10 @@ def checkpoint_key(cfg: TrainConfig, model: ModelConfig, mix_sha: str) -> str:
 
 
 def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), out: Path = Path("train"),
-        checkpoints: Path = Path(".cache/checkpoints")) -> dict:
+        checkpoints: Path = Path(".cache/checkpoints"), reuse: bool = True) -> dict:
+    """`reuse`: take a search trial's outputs when one trained exactly this (mixtune.trial); False retrains."""
+    from mixtune import trial
+
     manifest_path = mix_dir / "manifest.json"
     if not manifest_path.is_file():
         raise MixtuneError(f"{manifest_path}: no such file (run the mix stage first)")
@@ -300,18 +306,35 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
               "mix": {k: manifest[k] for k in ("specialist_size", "generalist_share", "generalist_size", "seed")},
               "precision_used": prec}
     tags = {"mixtune.mix_sha256": manifest["sha256"]}
+    hit = trial.cached(trial.key(cfg, model_cfg, manifest["sha256"], prec)) if reuse else None
 
     with _Stop() as stop, stage_run("train", manifest["specialist_tasks"], params, tags, timer,
                                           label=mix_label(manifest)) as mlrun:
         t0 = time.perf_counter()
         import mlflow
-        from transformers.trainer_utils import get_last_checkpoint
 
         examples = read_jsonl(mix_dir / "train.jsonl")
         main = mlrun is not None  # rank 0 under `accelerate launch`; the other ranks only train
         if main:
             with timer():
                 log_dataset(examples, mix_dir / "train.jsonl", f"mix-{manifest['sha256'][:12]}", "training")
+        if hit is not None and main:
+            meta = trial.take(hit, out)
+            metrics = json.loads((out / "metrics.json").read_text())
+            note = (f"reused search trial {meta['trial']} (share {manifest['generalist_share']:.2f}, search "
+                    f"{meta['search']}): it trained this mix (sha256 {manifest['sha256'][:12]}) with this training "
+                    "config and code, so its adapter is this stage's, not retrained")
+            print(f"train: {note}")
+            with timer():
+                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+                mlflow.log_dict(manifest, "mix_manifest.json")
+                mlflow.log_artifact(str(out / "loss.csv"))
+                mlflow.log_artifacts(str(out / "adapter"), "adapter")
+                mlflow.set_tags({ADAPTER_TAG: sha256_file(adapter_file(out / "adapter")),
+                                 REUSED_TAG: meta.get("run_id", ""), "mlflow.note.content": note})
+            return {**metrics, "reused": meta}
+        from transformers.trainer_utils import get_last_checkpoint
+
         ckpt_dir = checkpoints / checkpoint_key(cfg, model_cfg, manifest["sha256"])
         tokenizer = load_tokenizer(base)
         log_rows: list[dict] = []
@@ -331,8 +354,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
             print(f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
             raise KeyboardInterrupt
 
-        trained_tokens = round(tokens_per_epoch * trainer.state.epoch)
-        new_tokens = trained_tokens - round(tokens_per_epoch * float(resumed.get("epoch") or 0.0))
+        new_tokens = trained_tokens(trainer) - round(tokens_per_epoch * float(resumed.get("epoch") or 0.0))
         n_params = sum(p.numel() for p in trainer.model.parameters())
         tps = new_tokens / train_seconds
         # result.training_loss averages only the steps run in this call; a resumed run adds the steps before
@@ -340,19 +362,12 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         done = int(resumed.get("global_step") or 0)
         steps = trainer.state.global_step
         train_loss = (_loss_sum(trainer.state.log_history, done) + result.training_loss * (steps - done)) / max(steps, 1)
-        metrics = {
-            "train_loss": train_loss, "final_loss": log_rows[-1]["loss"] if log_rows else None,
-            "steps": trainer.state.global_step, "trained_tokens": trained_tokens,
-            "tokens_per_second": tps, "model_tflops_per_second": tps * FLOP_PER_PARAM_TOKEN * n_params / 1e12,
-            "train_seconds": train_seconds, "resumed": bool(resume),
-        }
+        metrics = {**trial.tracked(trainer, train_loss, log_rows),
+                   "tokens_per_second": tps, "model_tflops_per_second": tps * FLOP_PER_PARAM_TOKEN * n_params / 1e12,
+                   "train_seconds": train_seconds, "resumed": bool(resume)}
         if not main:
             return metrics
-        save_adapter(trainer.model, tokenizer, out / "adapter")
-        with atomic_file(out / "loss.csv") as f:  # tokens/s is a timing: MLflow's, not the tracked curve's
-            w = csv.DictWriter(f, fieldnames=["step", "loss", "learning_rate", "grad_norm"], extrasaction="ignore")
-            w.writeheader()
-            w.writerows(log_rows)
+        trial.save(trainer.model, tokenizer, metrics, log_rows, out)
         with timer():
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
             mlflow.log_dict(manifest, "mix_manifest.json")
@@ -368,7 +383,6 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         metrics["mlflow_share"] = timer.seconds / metrics["stage_seconds"]
         with timer():
             mlflow.log_metrics({k: metrics[k] for k in ("stage_seconds", "mlflow_seconds", "mlflow_share")})
-        write_json(out / "metrics.json", {k: metrics[k] for k in TRACKED})
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the adapter is saved and logged
     return metrics
 
