@@ -46,8 +46,9 @@ fetch: $(STAMP)
 
 # Speed and memory targets: each compares against a baseline measured in the same run (bench/results/*.json);
 # then one table of them all (bench/results/report.md, the README's). bench_stages reads the stages' MLflow
-# runs (right after `make run` on a fresh clone they are this code's) and prepare's time from bench_data. The search benchmark (an 11-point grid
-# against the search, ~40 min) runs with BENCH_SEARCH=1; otherwise the table shows its last result and date.
+# runs (right after `make run` on a fresh clone they are this code's) and prepare's time from bench_data. The
+# search benchmark (an 11-point grid against the search on BBC News and TREC: ~830k training tokens per task, 1-2 h
+# each on 2 cores) runs with BENCH_SEARCH=1; otherwise the table shows its last result and date.
 bench: run
 	$(BIN)/python bench/bench_data.py
 	$(BIN)/python bench/bench_stages.py

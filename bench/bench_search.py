@@ -12,11 +12,11 @@ score (the paired 95% interval of their difference reaches 0), at token_ratio = 
 once and counted in each arm, as each would pay for it alone.
 
 Each task runs in .cache/bench/search/<task>/ (its own prepared data, Optuna storage, trial cache and MLflow
-store); an interrupted benchmark continues where it stopped (delete that folder to start over). `--max-steps N`
-trains every trial N steps only: a smoke run of the benchmark's code, not a measurement (it writes nothing to
-bench/results).
+store); an interrupted benchmark continues where it stopped (delete that folder to start over). `--smoke N`
+trains every trial N steps and keeps 20 dev and 20 test examples: a run of the benchmark's code in minutes, not a
+measurement (it writes nothing to bench/results).
 
-    python bench/bench_search.py [--tasks bbc_news trec] [--max-steps N]
+    python bench/bench_search.py [--tasks bbc_news trec] [--smoke N]
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "search.json"
 GRID = [round(0.1 * i, 1) for i in range(10)]  # 0, 0.1, ..., 0.9
 MAX_TOKEN_RATIO = 0.2
+
+
+SMOKE_EXAMPLES = 20
 
 
 def workspace(task: str, max_steps: int | None) -> Path:
@@ -65,6 +68,10 @@ def workspace(task: str, max_steps: int | None) -> Path:
                         load_section("train", p, keys=prepare.TRAIN_KEYS).max_length, ws, ws / "prepared")
         else:
             shutil.copytree(REPO / "prepared", ws / "prepared", dirs_exist_ok=True)
+        if max_steps:
+            for split in ("dev", "test"):
+                path = ws / "prepared" / "specialist" / f"{split}.jsonl"
+                path.write_text("".join(path.read_text().splitlines(keepends=True)[:SMOKE_EXAMPLES]))
     return ws
 
 
@@ -156,12 +163,13 @@ def run_task(task: str, max_steps: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["bbc_news", "trec"], choices=["bbc_news", "trec"])
-    ap.add_argument("--max-steps", type=int, default=None, help="a smoke run: every trial this many steps")
+    ap.add_argument("--smoke", type=int, default=None, metavar="STEPS",
+                    help="a smoke run: every trial this many steps, 20 dev and 20 test examples")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "src"))
     from mixtune.files import write_json
 
-    tasks = {task: run_task(task, args.max_steps) for task in args.tasks}
+    tasks = {task: run_task(task, args.smoke) for task in args.tasks}
     result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "tasks": tasks,
               "target": {"max_token_ratio": MAX_TOKEN_RATIO, "test_gap_interval_reaches": 0.0},
               "met": all(t["met"] for t in tasks.values())}
@@ -170,7 +178,7 @@ def main() -> None:
               f"search recommends r={t['search']['recommended_share']:.2f}: test {t['search']['test']:.3f}, "
               f"{t['test_gap']['value']:+.3f} [{t['test_gap']['low']:+.3f}, {t['test_gap']['high']:+.3f}] against "
               f"it; tokens {t['search_tokens']:,} of the grid's {t['grid_tokens']:,} ({t['token_ratio']:.2f})")
-    if args.max_steps:
+    if args.smoke:
         print("(a smoke run: nothing written to bench/results)")
         return
     write_json(RESULTS, result)
