@@ -62,7 +62,7 @@ bench: run
 # search's charts and the registered model.
 ui: $(STAMP)
 	mkdir -p mlruns
-	@$(BIN)/python -m mixtune.ui http://127.0.0.1:$(MLFLOW_PORT)
+	@$(BIN)/python -m mixtune.plumbing.ui http://127.0.0.1:$(MLFLOW_PORT)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 # The champion behind a REST endpoint (POST /invocations with the task's raw input), on this machine only.

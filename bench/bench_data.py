@@ -45,8 +45,8 @@ SYNTHETIC_VERSION = "2"  # bump when the generator changes, so a stale cache is 
 _MIX_CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from mixtune import mix
-from mixtune.config import MixConfig
+from mixtune.stages import mix
+from mixtune.plumbing.config import MixConfig
 cfg, prepared, out = MixConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 t = time.perf_counter()
 m = mix.run(cfg, prepared, out)
@@ -118,8 +118,8 @@ def synthetic_prepared() -> Path:
     stamp = root / ".complete"
     if stamp.is_file() and stamp.read_text() == SYNTHETIC_VERSION:
         return root
-    from mixtune.files import atomic_file, dumps
-    from mixtune.schema import make_example
+    from mixtune.core.schema import make_example
+    from mixtune.plumbing.files import atomic_file, dumps
 
     rng = random.Random(0)
     vocab = sorted({"".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(20000)})

@@ -57,7 +57,7 @@ class PeakRSS:
 def naive(model, tokenizer, examples: list[dict]) -> list[list[float]]:
     import torch
 
-    from mixtune.score import _option_ids, _prompt_ids
+    from mixtune.core.score import _option_ids, _prompt_ids
 
     out = []
     for ex in examples:
@@ -79,10 +79,10 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
-    from mixtune import score
-    from mixtune.config import load_section
-    from mixtune.files import read_jsonl, write_json
-    from mixtune.model import load_adapter, load_base, load_tokenizer, resolve_base
+    from mixtune.core import score
+    from mixtune.core.model import load_adapter, load_base, load_tokenizer, resolve_base
+    from mixtune.plumbing.config import load_section
+    from mixtune.plumbing.files import read_jsonl, write_json
 
     cfg = load_section("evaluate", args.params)
     base = resolve_base(load_section("model", args.params).base)

@@ -60,8 +60,8 @@ def workspace(task: str, max_steps: int | None) -> Path:
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not (ws / "prepared" / "specialist" / "test.jsonl").is_file():
         if task == "trec":
-            from mixtune import prepare
-            from mixtune.config import load_section
+            from mixtune.plumbing.config import load_section
+            from mixtune.stages import prepare
 
             p = ws / "params.yaml"
             prepare.run(load_section("prepare", p), load_section("model", p),
@@ -79,9 +79,9 @@ def arm(ws: Path, grid: bool) -> tuple[dict, list]:
     """One search in the workspace: -> (its answer, its completed trials, by share)."""
     import optuna
 
-    from mixtune import search
-    from mixtune.config import load_section
-    from mixtune.search_answer import completed
+    from mixtune.core.search_answer import completed
+    from mixtune.plumbing.config import load_section
+    from mixtune.stages import search
 
     p = ws / "params.yaml"
     cfg = load_section("search", p)
@@ -98,10 +98,11 @@ def arm(ws: Path, grid: bool) -> tuple[dict, list]:
 def test_scores(ws: Path, adapters: dict[str, Path], metric: str) -> dict:
     """Every adapter's answers on the test split (evaluate's cached answers), compared pairwise: -> score.compare's
     result, with the gain of each system over every other."""
-    from mixtune import evaluate, score
-    from mixtune.config import load_section
-    from mixtune.files import read_jsonl, sha256_file
-    from mixtune.model import adapter_file, load_adapter, load_base, load_tokenizer, resolve_base
+    from mixtune.core import score
+    from mixtune.core.model import adapter_file, load_adapter, load_base, load_tokenizer, resolve_base
+    from mixtune.plumbing.config import load_section
+    from mixtune.plumbing.files import read_jsonl, sha256_file
+    from mixtune.stages import evaluate
 
     p = ws / "params.yaml"
     eval_cfg, model_cfg = load_section("evaluate", p), load_section("model", p)
@@ -167,7 +168,7 @@ def main() -> None:
                     help="a smoke run: every trial this many steps, 20 dev and 20 test examples")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    from mixtune.files import write_json
+    from mixtune.plumbing.files import write_json
 
     tasks = {task: run_task(task, args.smoke) for task in args.tasks}
     result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "tasks": tasks,

@@ -29,8 +29,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     from mlflow.tracking import MlflowClient
 
-    from mixtune.files import write_json
-    from mixtune.tracking import tracking_uri
+    from mixtune.plumbing.files import write_json
+    from mixtune.plumbing.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri=args.tracking_uri or tracking_uri())
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],

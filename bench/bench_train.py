@@ -61,8 +61,8 @@ def measure(trainer, steps: int) -> dict:
 
 def short_examples(base: str, n: int = 256, max_prompt_tokens: int = 50) -> list[dict]:
     """The first `n` examples of the generalist pool whose prompt is under `max_prompt_tokens` tokens."""
-    from mixtune.files import read_jsonl
-    from mixtune.model import chat_tokens, load_tokenizer
+    from mixtune.core.model import chat_tokens, load_tokenizer
+    from mixtune.plumbing.files import read_jsonl
 
     pool = read_jsonl(REPO / "prepared" / "generalist.jsonl")
     lengths = chat_tokens(load_tokenizer(base), [e["prompt"] for e in pool], add_generation_prompt=True)
@@ -96,10 +96,10 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
-    from mixtune.config import load_section
-    from mixtune.files import read_jsonl, write_json
-    from mixtune.model import precision, resolve_base
-    from mixtune.train import build_trainer
+    from mixtune.core.model import precision, resolve_base
+    from mixtune.plumbing.config import load_section
+    from mixtune.plumbing.files import read_jsonl, write_json
+    from mixtune.stages.train import build_trainer
 
     cfg = load_section("train", args.params).model_copy(update={"max_steps": args.steps, "save_steps": 10**6})
     base = resolve_base(load_section("model", args.params).base)

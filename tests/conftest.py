@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixtune.files import dumps
-from mixtune.schema import make_example
+from mixtune.core.schema import make_example
+from mixtune.plumbing.files import dumps
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ARCHIVE = REPO / "data" / "generalist" / "bigbench-1.0.0.tar.gz"
@@ -72,7 +72,7 @@ def repo_params(**overrides) -> dict:
 
 def section(name: str, **overrides):
     """One validated section of the repository's params.yaml, with `overrides`."""
-    from mixtune.config import SECTIONS
+    from mixtune.plumbing.config import SECTIONS
 
     return SECTIONS[name].model_validate(repo_params(**{name: overrides})[name])
 
@@ -176,7 +176,6 @@ def files_under(path: Path) -> list[Path]:
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Llama + BPE tokenizer with a chat template (seconds), for train/evaluate/tracking tests."""
     import torch
-
     from tiny import build_tiny_model
 
     # A 32-wide model gains nothing from a second thread, and on a busy 2-core machine every matmul then waits

@@ -15,13 +15,12 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
-from mixtune.config import FileSource
-from mixtune.files import write_json, write_jsonl
-from mixtune.sources import read_source
-from mixtune.schema import make_example
-
 from conftest import merged, repo_params, sentence
+
+from mixtune.core.schema import make_example
+from mixtune.core.sources import read_source
+from mixtune.plumbing.config import FileSource
+from mixtune.plumbing.files import write_json, write_jsonl
 
 TASK = "topic"
 LABELS = ["a", "b"]
@@ -73,14 +72,14 @@ def write_params(root: Path, tiny_model: Path, **sections) -> None:
 
 
 def load(root: Path, section: str, keys=None):
-    from mixtune.config import load_section
+    from mixtune.plumbing.config import load_section
 
     return load_section(section, root / "params.yaml", keys=keys)
 
 
 def load_section_with(**sections):
     """The repository's params.yaml with these sections' keys replaced, validated (for calls without a project)."""
-    from mixtune.config import SECTIONS
+    from mixtune.plumbing.config import SECTIONS
 
     (name, values), = sections.items()
     return SECTIONS[name].model_validate(merged(repo_params()[name], values))
@@ -88,7 +87,7 @@ def load_section_with(**sections):
 
 def search_sections(root: Path) -> list:
     """The sections as `mixtune search` loads them."""
-    from mixtune import search
+    from mixtune.stages import search
 
     return [load(root, "search"), load(root, "mix", search.MIX_KEYS), load(root, "train"), load(root, "model"),
             load(root, "evaluate", search.SCORE_KEYS)]
@@ -98,7 +97,7 @@ def study(root: Path, storage: str | None = None, size: int | None = None):
     """The project's study (of `size`, when a search ran several), in the journal by default."""
     import optuna
 
-    from mixtune.search_storage import db_url
+    from mixtune.plumbing.search_storage import db_url
 
     if storage is not None:
         storage = db_url(storage)

@@ -7,12 +7,11 @@ import json
 import re
 
 import pytest
-
-from mixtune import fetch
-from mixtune.errors import MixtuneError
-from mixtune.files import sha256_file
-
 from conftest import classification_records, files_under, spec_source, write_jsonl, write_params
+
+from mixtune.plumbing import fetch
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import sha256_file
 
 GOOD = classification_records({"a": 20, "b": 20, "c": 20})
 
@@ -180,9 +179,9 @@ def test_csv_stray_quote_closed_by_a_later_field(tmp_path, cli):
 
 def test_csv_quoted_field_over_the_line_limit(tmp_path, cli, monkeypatch):
     """A stray quote closed cleanly many lines later (`..."`, then a comma): a field over MAX_FIELD_LINES lines."""
-    from mixtune import sources
+    from mixtune.core import readers
 
-    monkeypatch.setattr(sources, "MAX_FIELD_LINES", 5)
+    monkeypatch.setattr(readers, "MAX_FIELD_LINES", 5)
     body = "\n".join(f"line {i} of one record" for i in range(5))  # lines 2-6: 5 lines, at the limit
     (tmp_path / "spec.csv").write_text(f'text,label\n"{body}",a\n' + "".join(CSV_LINES[:10]) + '"stray,b\n'
                                        + "".join(CSV_LINES[10:20]) + 'the end",a\n' + "".join(CSV_LINES[20:]))
@@ -267,7 +266,7 @@ def test_predict_output_unwritable_when_the_answers_are_written(tmp_path, cli, m
     """The output turns into a directory while the model answers: one line, and no temp file beside it."""
     import mlflow
 
-    from mixtune import predict
+    from mixtune.plumbing import predict
 
     source = {**spec_source(), "columns": {}, "kind": "file", "format": "classification"}
     recipe = {"tasks": {"spec": {"kind": "record", "source": source, "labels": ["a", "b", "c"], "example": {}}}}

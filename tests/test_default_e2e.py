@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import REAL_BBC, REAL_MODEL, REPO
 from test_pipeline_e2e import BIN, sh
 

@@ -22,10 +22,11 @@ from workspace import (
     write_prepared,
 )
 
-from mixtune import evaluate, score, train
-from mixtune import metrics as M
-from mixtune.config import EvaluateConfig, ModelConfig
-from mixtune.files import read_jsonl, sha256_file
+from mixtune.core import metrics as M
+from mixtune.core import score
+from mixtune.plumbing.config import EvaluateConfig, ModelConfig
+from mixtune.plumbing.files import read_jsonl, sha256_file
+from mixtune.stages import evaluate, train
 
 # --- option scoring --------------------------------------------------------------------------------------------
 
@@ -61,7 +62,7 @@ def scoring_examples():
 def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples, lora):
     import torch
 
-    from mixtune.model import load_base, load_tokenizer
+    from mixtune.core.model import load_base, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     model = load_base(str(tiny_model))
@@ -167,7 +168,7 @@ def test_evaluate_run_end_to_end(trained, monkeypatch, tiny_model):
     assert f["probe_n"] == len(probe) == 10
     assert f["tuned"] == f["specialist"] and f["tuned"]["low"] <= f["tuned"]["value"] <= f["tuned"]["high"]
     assert not {ex["id"] for ex in probe} & {ex["id"] for ex in read_jsonl(root / "mix" / "train.jsonl")}
-    from mixtune.model import load_base, load_tokenizer
+    from mixtune.core.model import load_base, load_tokenizer
 
     base_answers = score.predict(load_base(str(tiny_model)), load_tokenizer(str(tiny_model)), probe,
                                  _eval_cfg())  # as evaluate scores

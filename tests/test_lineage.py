@@ -17,10 +17,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from mixtune import lineage
-from mixtune.cli import build_parser
-from mixtune.config import load_section
-from mixtune.errors import MixtuneError
+from mixtune.plumbing import lineage
+from mixtune.plumbing.config import load_section
+from mixtune.plumbing.errors import MixtuneError
 
 DVC_FILES = ("dvc.yaml", "study/dvc.yaml")
 PARAMS_FILES = {"params.yaml": ("prepare", "mix", "model", "train", "evaluate", "search", "register"),
@@ -30,31 +29,39 @@ PARAMS_FILES = {"params.yaml": ("prepare", "mix", "model", "train", "evaluate", 
 def test_imports_are_found_in_functions_and_through_every_import_form():
     src = '''
 import json
-import mixtune.train
-from mixtune import metrics as M, lineage
-from mixtune.config import MixConfig
+import mixtune.stages.train
+from mixtune.core import metrics as M
+from mixtune.plumbing import lineage
+from mixtune.plumbing.config import MixConfig
 from mixtune.nonexistent import x
 
 
 def f():
-    from mixtune import search
-    import mixtune.model as mm
+    from mixtune.stages import search
+    import mixtune.core.model as mm
 
 
 class C:
     def g(self):
-        from mixtune.evaluate import correct
+        from mixtune.stages.evaluate import correct
 '''
     assert lineage.imported(ast.parse(src)) == {
-        "mixtune", "mixtune.train", "mixtune.metrics", "mixtune.lineage", "mixtune.config", "mixtune.search",
-        "mixtune.model", "mixtune.evaluate"}
+        "mixtune.stages.train", "mixtune.core", "mixtune.core.metrics", "mixtune.plumbing", "mixtune.plumbing.lineage",
+        "mixtune.plumbing.config", "mixtune.stages", "mixtune.stages.search", "mixtune.core.model",
+        "mixtune.stages.evaluate"}
 
 
-def test_a_command_imports_its_own_stage_not_every_command_of_the_cli():
-    # cli.py imports each stage inside its command's function: `mixtune mix` can import mix.py, not train.py
-    mods = lineage.function_closure("mixtune.cli", "_mix")
-    assert {"mixtune.cli", "mixtune.mix", "mixtune.config", "mixtune", "mixtune.errors"} <= mods
-    assert not mods & {"mixtune.train", "mixtune.search", "mixtune.register", "mixtune.evaluate"}
+def test_a_stage_imports_only_what_it_runs_not_the_cli():
+    # dvc.yaml runs `python -m mixtune.stages.mix`: its code is mix.py and what it imports, never cli.py (the
+    # user's command) nor another stage's module
+    mods = lineage.closure({"mixtune.stages.mix"})
+    assert {"mixtune", "mixtune.stages", "mixtune.stages.mix", "mixtune.plumbing.config", "mixtune.plumbing.entry",
+            "mixtune.plumbing.errors"} <= mods
+    assert not mods & {"mixtune.cli", "mixtune.stages.train", "mixtune.stages.search", "mixtune.stages.register",
+                       "mixtune.stages.evaluate", "mixtune.core.tune"}
+    shared = set.intersection(*(set(s["deps"]) for _, _, s in _stages()))
+    assert "src/mixtune/cli.py" not in shared and all(
+        d.startswith("src/mixtune/plumbing/") or d.endswith("__init__.py") for d in shared if d.startswith("src/")), shared
 
 
 # --- the stages' declarations -------------------------------------------------------------------------------
@@ -74,10 +81,10 @@ def _stages():
     return out
 
 
-def _resolve(node: ast.expr):
-    """A literal tuple, or a constant of a project module (`search.MIX_KEYS`)."""
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-        return getattr(importlib.import_module(f"mixtune.{node.value.id}"), node.attr)
+def _resolve(node: ast.expr, module):
+    """A literal tuple, or a constant of the stage's module (`MIX_KEYS`)."""
+    if isinstance(node, ast.Name):
+        return getattr(module, node.id)
     return ast.literal_eval(node)
 
 
@@ -91,7 +98,7 @@ def required_params(func, args) -> set[tuple[str, str]]:
         if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "load_section":
             section = ast.literal_eval(call.args[0])
             path = getattr(args, call.args[1].attr)  # args.params / args.study_params
-            keys = next((_resolve(k.value) for k in call.keywords if k.arg == "keys"), None)
+            keys = next((_resolve(k.value, sys.modules[func.__module__]) for k in call.keywords if k.arg == "keys"), None)
             out |= {(path, section)} if keys is None else {(path, f"{section}.{k}") for k in keys}
     return out
 
@@ -114,10 +121,12 @@ def _covers(declared: set, key: tuple[str, str]) -> bool:
 
 @pytest.mark.parametrize("dvc_file,name,stage", _stages(), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_stage_declares_what_its_command_reads(dvc_file, name, stage):
-    args = build_parser().parse_args(shlex.split(stage["cmd"])[1:])
-    func = args.func
-    code = {str(p.relative_to(REPO)) for p in lineage.files(lineage.function_closure(func.__module__,
-                                                                                     func.__name__))}
+    python, m, module, *argv = shlex.split(stage["cmd"])
+    assert (python, m) == ("python", "-m") and module.startswith("mixtune.stages."), stage["cmd"]
+    stage_module = importlib.import_module(module)
+    args = stage_module.parser().parse_args(argv)
+    func = getattr(args, "func", stage_module.command)
+    code = {str(p.relative_to(REPO)) for p in lineage.files(lineage.closure({module}))}
     deps = set(stage["deps"])
     declared_code = {d for d in deps if d.startswith("src/")}
     missing = sorted(code - declared_code)
@@ -134,8 +143,9 @@ def test_the_declaration_check_fails_on_an_undeclared_import():
     """The check above on the dvc.yaml before this rule: `search` did not declare config.py nor metrics.py."""
     (_, _, stage), = [s for s in _stages() if s[1] == "search"]
     old = copy.deepcopy(stage)
-    old["deps"] = [d for d in old["deps"] if d not in ("src/mixtune/config.py", "src/mixtune/metrics.py")]
-    with pytest.raises(AssertionError, match=r"deps missing \['src/mixtune/config.py', 'src/mixtune/metrics.py'\]"):
+    old["deps"] = [d for d in old["deps"] if d not in ("src/mixtune/plumbing/config.py", "src/mixtune/core/metrics.py")]
+    with pytest.raises(AssertionError,
+                       match=r"deps missing \['src/mixtune/core/metrics.py', 'src/mixtune/plumbing/config.py'\]"):
         test_every_stage_declares_what_its_command_reads("dvc.yaml", "search", old)
     old = copy.deepcopy(stage)
     old["params"] = [p for p in old["params"] if p != "evaluate.max_new_tokens"]
@@ -195,7 +205,7 @@ def test_a_missing_section_names_the_file(tmp_path):
 
 
 def _fingerprint(src: Path, module: str) -> str:
-    out = subprocess.run([sys.executable, "-c", f"from mixtune import lineage; print(lineage.fingerprint(['{module}']))"],
+    out = subprocess.run([sys.executable, "-c", f"from mixtune.plumbing import lineage; print(lineage.fingerprint(['{module}']))"],
                          env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                          check=True, cwd=src)
     return out.stdout.strip()
@@ -204,10 +214,10 @@ def _fingerprint(src: Path, module: str) -> str:
 def test_a_cache_key_changes_with_code_in_any_module_it_can_import_not_with_a_comment(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(REPO / "src" / "mixtune", src / "mixtune")
-    before = {m: _fingerprint(src, m) for m in ("mixtune.search", "mixtune.study")}
-    assert before["mixtune.search"] == lineage.fingerprint(["mixtune.search"])  # the copy is what runs
+    before = {m: _fingerprint(src, m) for m in ("mixtune.stages.search", "mixtune.stages.study")}
+    assert before["mixtune.stages.search"] == lineage.fingerprint(["mixtune.stages.search"])  # the copy is what runs
 
-    score = src / "mixtune" / "score.py"
+    score = src / "mixtune" / "core" / "score.py"
     text = score.read_text()
     # A comment, a docstring and blank lines: the same code, the same key (no new search, no stale cell).
     commented = text.replace('"""score: the one way', '"""score (reworded): the one way', 1) + "\n\n# a note\n"
@@ -216,22 +226,23 @@ def test_a_cache_key_changes_with_code_in_any_module_it_can_import_not_with_a_co
     score.write_text(commented)
     assert {m: _fingerprint(src, m) for m in before} == before
 
-    (src / "mixtune" / "register.py").write_text((src / "mixtune" / "register.py").read_text() + "X = 1\n")
+    register = src / "mixtune" / "stages" / "register.py"
+    register.write_text(register.read_text() + "X = 1\n")
     assert {m: _fingerprint(src, m) for m in before} == before  # neither search nor study imports register
 
     score.write_text(commented + "X = 1\n")
     after = {m: _fingerprint(src, m) for m in before}
-    assert after["mixtune.search"] != before["mixtune.search"]
-    assert after["mixtune.study"] != before["mixtune.study"]
+    assert after["mixtune.stages.search"] != before["mixtune.stages.search"]
+    assert after["mixtune.stages.study"] != before["mixtune.stages.study"]
 
 
 def test_the_docs_rerun_table_is_the_one_derived_from_dvc_yaml():
     table = lineage.rerun_table(REPO)
     assert table in (REPO / "docs" / "pipeline.md").read_text(), \
-        f"docs/pipeline.md: replace the table by (python -m mixtune.lineage):\n{table}"
+        f"docs/pipeline.md: replace the table by (python -m mixtune.plumbing.lineage):\n{table}"
     rows = lineage.reruns(REPO)
     # what the README promises in words
     assert rows["`mix.generalist_share`, `mix.corrupt_generalist`"] == ["mix", "train", "evaluate", "register"]
-    assert next(v for k, v in rows.items() if "`score.py`" in k) == ["search", "mix", "train", "evaluate", "register",
+    assert next(v for k, v in rows.items() if "`core/score.py`" in k) == ["search", "mix", "train", "evaluate", "register",
                                                                      "study-prepare", "study-screen", "study-run", "study-report"]
-    assert next(v for k, v in rows.items() if "`register.py`" in k) == ["register"]
+    assert next(v for k, v in rows.items() if "`stages/register.py`" in k) == ["register"]

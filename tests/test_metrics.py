@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mixtune import metrics as M
-from mixtune import score
-from mixtune.errors import MixtuneError
-from mixtune.score import label_from_text
+from mixtune.core import metrics as M
+from mixtune.core import score
+from mixtune.core.score import label_from_text
+from mixtune.plumbing.errors import MixtuneError
 
 # --- classification -------------------------------------------------------------------------------------------
 

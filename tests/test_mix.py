@@ -7,11 +7,10 @@ import json
 from collections import Counter
 
 import pytest
-
-from mixtune import mix
-from mixtune.config import MixConfig
-
 from conftest import prepared_dir
+
+from mixtune.plumbing.config import MixConfig
+from mixtune.stages import mix
 
 
 @pytest.fixture

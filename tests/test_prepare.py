@@ -9,11 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from mixtune import prepare
-from mixtune.files import read_jsonl
-
 from conftest import classification_records, section, sentence, spec_source, write_jsonl
+
+from mixtune.core import tune
+from mixtune.plumbing.files import read_jsonl
+from mixtune.stages import prepare
 
 OUTPUTS = ("specialist/train.jsonl", "specialist/dev.jsonl", "specialist/test.jsonl", "generalist.jsonl",
            "stats.json")
@@ -183,13 +183,12 @@ def test_truncate_input_fits_every_example_whole_and_training_keeps_them_all(tmp
     """prepare.too_long: truncate_input cuts the input of each example over train.max_length (never its label);
     the trainer then tokenizes exactly what prepare measured and trains on every example the mix holds; the
     registered model's requests are cut the same way."""
-    from mixtune import train
-    from mixtune.config import ModelConfig
-    from mixtune.errors import MixtuneError
-    from mixtune.model import chat_tokens, load_tokenizer, with_answer
-    from mixtune.serve import Requests
-
     from workspace import train_config
+
+    from mixtune.core.model import chat_tokens, load_tokenizer, with_answer
+    from mixtune.core.serve import Requests
+    from mixtune.plumbing.config import ModelConfig
+    from mixtune.plumbing.errors import MixtuneError
 
     rng = random.Random(5)
     records = classification_records({"a": 6, "b": 6}, words=12)
@@ -225,7 +224,7 @@ def test_truncate_input_fits_every_example_whole_and_training_keeps_them_all(tmp
     assert max(chat_tokens(tokenizer, [ex["prompt"] for ex in examples], add_generation_prompt=True)) <= budget
 
     # The trainer tokenizes what prepare measured, and keeps every example.
-    trainer = train.build_trainer(train_config(max_length=160), str(tiny_model), parts["train"], tmp_path / "out",
+    trainer = tune.build_trainer(train_config(max_length=160), str(tiny_model), parts["train"], tmp_path / "out",
                                   "fp32", tokenizer)
     assert len(trainer.train_dataset) == len(parts["train"]) == 8
     assert [len(ids) for ids in trainer.train_dataset["input_ids"]] == \
@@ -238,11 +237,10 @@ def test_truncate_input_fits_every_example_whole_and_training_keeps_them_all(tmp
 
 
 def test_mixtune_check_shows_what_training_sees(tmp_path, cli, tiny_model):
-    from mixtune import train
-    from mixtune.model import load_tokenizer
-
     from conftest import files_under, write_params
     from workspace import train_config
+
+    from mixtune.core.model import load_tokenizer
 
     write_jsonl(tmp_path / "spec.jsonl", classification_records({"a": 20, "b": 10, "c": 10}))
     params = write_params(tmp_path / "params.yaml", prepare={"specialist": [spec_source()]},
@@ -261,7 +259,7 @@ def test_mixtune_check_shows_what_training_sees(tmp_path, cli, tiny_model):
     assert (tmp_path / "full" / "card.md").read_text() == card  # prepare writes the same card
     first = read_jsonl(tmp_path / "full" / "specialist" / "train.jsonl")[:1]
     tokenizer = load_tokenizer(str(tiny_model))
-    trainer = train.build_trainer(train_config(), str(tiny_model), first, tmp_path / "out", "fp32", tokenizer)
+    trainer = tune.build_trainer(train_config(), str(tiny_model), first, tmp_path / "out", "fp32", tokenizer)
     rendered = tokenizer.decode(trainer.train_dataset[0]["input_ids"])
     assert f"```text\n{rendered.rstrip()}\n```" in card
 
@@ -329,7 +327,7 @@ def test_a_split_column_places_each_record(tmp_path, cli):
     rows[3]["part"] = "holdout"
     (tmp_path / "spec.csv").write_text("text,label,part\n" + "".join(f"{r['text']},{r['label']},{r['part']}\n"
                                                                      for r in rows))
-    from mixtune.errors import MixtuneError
+    from mixtune.plumbing.errors import MixtuneError
 
     with pytest.raises(MixtuneError, match=r"^spec.csv:5: field 'part': 'holdout' is not a split"):
         run(tmp_path, specialist=[spec_source("spec.csv", split_column="part")])
@@ -349,9 +347,8 @@ def test_a_hub_dataset_keeps_its_validation_and_test_splits(tmp_path):
 
 
 def test_the_prepare_stage_logs_its_counts_and_data_card_to_mlflow(tmp_path, cli, monkeypatch, tiny_model):
-    from mlflow import MlflowClient
-
     from conftest import prepare_small_task
+    from mlflow import MlflowClient
     from workspace import use_store
 
     uri = use_store(monkeypatch, tmp_path)
@@ -379,7 +376,6 @@ def test_trec_a_real_dataset_keeps_its_own_test_split(tmp_path):
     import shutil
 
     import yaml
-
     from conftest import REPO
 
     shutil.copytree(REPO / "examples" / "trec", tmp_path / "data" / "specialist" / "trec")
@@ -424,9 +420,8 @@ def test_card_counts_the_records_read_through_quoted_line_breaks(tmp_path, cli, 
 def test_unversioned_data_read_when_allowed_and_recorded(tmp_path, cli, tiny_model, monkeypatch):
     """prepare.allow_unversioned: true reads a source outside the data DVC versions; stats.json, the card and the
     prepare stage's MLflow run say so. Under data/ (or without a DVC project) nothing is recorded."""
-    from mlflow import MlflowClient
-
     from conftest import write_params
+    from mlflow import MlflowClient
 
     root = tmp_path / "project"
     (root / ".dvc").mkdir(parents=True)

@@ -12,9 +12,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 import search_project as sp
-from mixtune.files import read_jsonl, write_json, write_jsonl
+
+from mixtune.plumbing.files import read_jsonl, write_json, write_jsonl
 
 NAME = f"mixtune-{sp.TASK}"
 SEARCH = {"n_trials": 2, "grid": 2, "max_share": 0.5, "sizes": [16, 40]}  # shares 0 and 0.5
@@ -25,7 +25,7 @@ TRIALS = [(size, n) for size in SEARCH["sizes"] for n in range(2)]
 def searched(tmp_path_factory, tiny_model) -> Path:
     """A project after the whole chain: a search at two sizes (two searches of two grid shares each: four mixes,
     four adapters), the final adapter trained at the recommended share and evaluated, all in its MLflow store."""
-    from mixtune import evaluate, mix, search, train
+    from mixtune.stages import evaluate, mix, search, train
 
     root = tmp_path_factory.mktemp("searched")
     sp.make_project(root, tiny_model, search=SEARCH, mix={"generalist_share": "auto"})
@@ -247,9 +247,9 @@ def scored(registered) -> list[dict]:
     final adapter and the prepared prompts."""
     from types import SimpleNamespace
 
-    from mixtune import score
-    from mixtune.model import load_adapter, load_base, load_tokenizer
-    from mixtune.serve import answers
+    from mixtune.core import score
+    from mixtune.core.model import load_adapter, load_base, load_tokenizer
+    from mixtune.core.serve import answers
 
     base, cfg = sp.load(registered, "model").base, sp.load(registered, "evaluate")
     test = read_jsonl(registered / "prepared" / "specialist" / "test.jsonl")
@@ -275,7 +275,7 @@ def test_the_champion_takes_raw_records_and_answers_as_evaluate_did(registered, 
     import mlflow
     import pandas as pd
 
-    from mixtune.serve import Requests
+    from mixtune.core.serve import Requests
 
     records, labels, uri = raw_test_records(registered), evaluated(registered), f"models:/{NAME}@champion"
     recipe = json.loads((registered / "prepared" / "specialist" / "recipe.json").read_text())
@@ -347,7 +347,7 @@ def test_predict_bad_records_are_one_line_before_the_model_loads(registered, cli
 
 
 def test_make_ui_prints_links_to_the_runs_the_latest_search_and_the_registered_model(registered):
-    from mixtune.ui import links
+    from mixtune.plumbing.ui import links
 
     exp = client().get_experiment_by_name(f"mixtune/{sp.TASK}")
     # made by the stages so that the UI opens it on its runs, not on MLflow 3's GenAI overview

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 import search_project as sp
 from conftest import REPO
-from mixtune import metrics as M
-from mixtune import search
+
+from mixtune.core import metrics as M
+from mixtune.stages import search
 
 GRID = [0.0, 0.375, 0.75]  # search_project: grid 3 over [0, 0.75]
 
@@ -190,7 +190,7 @@ def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussia
 
 
 def test_a_failing_trial_is_fail_and_the_study_goes_on(project, monkeypatch):
-    from mixtune import mix
+    from mixtune.stages import mix
 
     real = mix.run
 
@@ -391,11 +391,11 @@ def test_edited_code_starts_a_new_search_a_comment_or_an_unchanged_rerun_runs_no
     first = search_in_copy()
     assert _studies(project) == {first: 2}
     assert search_in_copy() == first and _studies(project) == {first: 2}  # unchanged: nothing runs again
-    search_py = src / "mixtune" / "search.py"
+    search_py = src / "mixtune" / "stages" / "search.py"
     search_py.write_text(search_py.read_text().replace("\ndef grid(", "\n# why: a comment\ndef grid(", 1))
     assert search_in_copy() == first and _studies(project) == {first: 2}  # a comment: nothing runs again
 
-    score_py = src / "mixtune" / "score.py"
+    score_py = src / "mixtune" / "core" / "score.py"
     score_py.write_text(score_py.read_text() + "EDITED = True\n")
     second = search_in_copy()
     assert second != first and _studies(project) == {first: 2, second: 2}  # the old study stays in storage
@@ -454,7 +454,7 @@ def _study(points: list[tuple[float, int, str]], base_probe: str = "1111111111")
 
 
 def _recommend(points, metric="accuracy", base_probe="1111111111", **search_keys):
-    from mixtune import score
+    from mixtune.core import score
 
     study, dev = _study(points, base_probe)
     cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5, "n_trials": 6, "grid": 6, **search_keys})
@@ -523,7 +523,7 @@ def test_max_forgetting_recommends_within_it_and_names_the_smallest_share_that_k
 
 def test_the_metric_decides_the_recommendation():
     """On an imbalanced task a majority-class adapter wins by accuracy and loses by macro-F1."""
-    from mixtune import score
+    from mixtune.core import score
 
     dev = [{"id": f"d/{i}", "task": "emotion", "completion": "joy" if i < 14 else ("anger", "fear")[i % 2],
             "options": ["anger", "fear", "joy"]} for i in range(20)]

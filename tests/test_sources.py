@@ -10,13 +10,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from mixtune.config import BigbenchSource, FileSource, HFSource
-from mixtune.errors import MixtuneError
-from mixtune.schema import KEYS
-from mixtune.sources import read_source
-
 from conftest import write_jsonl
+
+from mixtune.core.schema import KEYS
+from mixtune.core.sources import read_source
+from mixtune.plumbing.config import BigbenchSource, FileSource, HFSource
+from mixtune.plumbing.errors import MixtuneError
 
 ALPACA = [
     {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
@@ -386,7 +385,7 @@ REQUEST_CASES = [  # (format, extra source settings, a record as the user's file
 
 @pytest.mark.parametrize("fmt, extra, record, request_row", REQUEST_CASES)
 def test_a_request_is_prompted_exactly_as_prepare_prompted_its_record(tmp_path, fmt, extra, record, request_row):
-    from mixtune.sources import prompter, request_fields
+    from mixtune.core.sources import prompter, request_fields
 
     write_jsonl(tmp_path / "d.jsonl", [record])
     recipes: dict = {}
@@ -399,7 +398,7 @@ def test_a_request_is_prompted_exactly_as_prepare_prompted_its_record(tmp_path, 
 
 
 def test_a_request_to_a_bigbench_task_is_prompted_with_the_tasks_own_prefixes(tmp_path, bigbench_archive):
-    from mixtune.sources import prompter
+    from mixtune.core.sources import prompter
 
     recipes: dict = {}
     examples = {ex["id"]: ex for ex in read_source(bb(), tmp_path, recipes=recipes)}
@@ -421,7 +420,7 @@ def test_a_request_to_a_bigbench_task_is_prompted_with_the_tasks_own_prefixes(tm
      "row 1: field 'messages': must end with the message to answer, not an assistant's"),
 ])
 def test_a_bad_request_is_one_line_naming_the_field(fmt, row, message):
-    from mixtune.sources import prompter
+    from mixtune.core.sources import prompter
 
     entry = {"kind": "record", "source": file_source("d.jsonl", fmt, labels=["x"]).model_dump(mode="json"),
              "labels": ["x"] if fmt == "classification" else None}
@@ -431,7 +430,7 @@ def test_a_bad_request_is_one_line_naming_the_field(fmt, row, message):
 
 
 def test_a_scenario_model_takes_each_tasks_own_columns_and_the_request_names_its_task(tmp_path):
-    from mixtune.serve import Requests, signature
+    from mixtune.core.serve import Requests, signature
 
     write_jsonl(tmp_path / "topic.jsonl", [{"body": "one two", "y": "x"}])
     write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "Add.", "input": "2 and 3", "output": "5"}])
@@ -500,7 +499,7 @@ def test_invisible_message_content_is_refused(tmp_path, content, message):
 
 
 def test_a_request_with_a_lone_surrogate_or_invisible_text_is_one_line():
-    from mixtune.serve import Requests
+    from mixtune.core.serve import Requests
 
     entry = {"kind": "record", "source": file_source("d.jsonl", "classification", labels=["x"]).model_dump(mode="json"),
              "labels": ["x"], "example": {}}

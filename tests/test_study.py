@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from mixtune import metrics as M
-from mixtune import mix
-from mixtune.config import MixConfig, load_section
-from mixtune.files import read_jsonl, write_json, write_jsonl
-from mixtune.schema import make_example
-
 from conftest import REPO, merged, sentence
 from workspace import use_store
+
+from mixtune.core import metrics as M
+from mixtune.core.schema import make_example
+from mixtune.plumbing.config import MixConfig, load_section
+from mixtune.plumbing.files import read_jsonl, write_json, write_jsonl
+from mixtune.stages import mix
 
 # --- the corruption knob ------------------------------------------------------------------------------------
 
@@ -370,12 +369,13 @@ def _numbers(value, out: set) -> set:
 
 
 def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypatch):
-    from mixtune import study_report
+    from mixtune.core import study_render
+    from mixtune.stages import study_report
 
     cfg = _fixture_study(tmp_path, tiny_model)
     monkeypatch.chdir(tmp_path)
     agg = study_report.aggregate(cfg)
-    text = study_report.render(agg, {"score_vs_size": "study/score_vs_size.png"})
+    text = study_render.render(agg, {"score_vs_size": "study/score_vs_size.png"})
     known = _numbers(agg, set())
     body = re.sub(r"\(study/[a-z_]+\.png\)|`[^`]*`", "", text)  # image paths and the model path
     found = re.findall(r"[+-]?\d+(?:\.\d+)?", body)
@@ -384,7 +384,7 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     rows = {(r["target"], r["size"]): r for r in agg["rows"]}
     assert {t for t, _ in rows} == {"a", "a_uncovered", "b"}  # z was dropped by its screen
     # The plots draw the kept targets only: one panel each (a dropped target has no rows to draw).
-    figs = study_report.figures(agg)
+    figs = study_render.figures(agg)
     assert [ax.get_title() for ax in figs["score_vs_size"].axes] == \
            ["a (reasoning)", "a_uncovered (reasoning)", "b (understanding)"]
     assert "| z | knowledge | 0.500 | 0.500 | +0.000 [-0.125, +0.125] | dropped |" in text
@@ -395,7 +395,7 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
     assert (a4["base"]["value"], a4["specialist"]["value"], a4["fixed"]["value"]) == (0.25, 0.25, 0.75)
     assert a4["gain_fixed"]["value"] == 0.5 and 0.3 < a4["gain_fixed"]["low"] < 0.5 < a4["gain_fixed"]["high"]
     assert rows[("b", 8)]["searched_share"] == 0.5
-    assert f"| a | 4 | 0.250 | {study_report._iv(a4['specialist'])} | {study_report._iv(a4['fixed'])} |" in text
+    assert f"| a | 4 | 0.250 | {study_render._iv(a4['specialist'])} | {study_render._iv(a4['fixed'])} |" in text
     claims = agg["claims"]
     # a gains (0.5 + 0.25) / 2 = 0.375 on average, a_uncovered (0.125 + 0.05) / 2 = 0.0875 (15 and 12 of 40
     # right at share 0.5); every target gains more with 4 examples than with 8.
@@ -432,7 +432,7 @@ def test_presets_validate():
 def test_minimum_detectable_effect_by_hand():
     import numpy as np
 
-    from mixtune.metrics import min_detectable_effect
+    from mixtune.core.metrics import min_detectable_effect
 
     # Bootstrap values -1 and +1, 500 each: sample standard deviation sqrt(1000 / 999). At 95% and 80% power the
     # effect is (1.959964 + 0.841621) standard errors.
@@ -445,7 +445,7 @@ def test_minimum_detectable_effect_by_hand():
 def test_each_comparison_is_confirmed_contradicted_or_inconclusive_with_its_detectable_effect():
     import numpy as np
 
-    from mixtune.study_report import _part
+    from mixtune.stages.study_report import _part
 
     rng = np.random.default_rng(0)
 
@@ -465,7 +465,7 @@ def test_each_comparison_is_confirmed_contradicted_or_inconclusive_with_its_dete
 
 
 def test_verdicts():
-    from mixtune.study_report import _verdict
+    from mixtune.stages.study_report import _verdict
 
     def part(status, mde=0.1):
         return {"status": status, "mde": mde}
@@ -483,8 +483,8 @@ def test_verdicts():
 def test_a_report_on_results_another_clone_ran_is_written(tmp_path, tiny_model, monkeypatch, capsys):
     """study/results is committed to git, and the runs its files name are in the MLflow store of the clone that
     ran them: the report stage on another clone nests none of them and says so (it failed with a traceback)."""
-    from mixtune import study_report
-    from mixtune.files import write_json
+    from mixtune.plumbing.files import write_json
+    from mixtune.stages import study_report
 
     cfg = _fixture_study(tmp_path, tiny_model)
     results = sorted((tmp_path / "study" / "results").glob("*.json"))

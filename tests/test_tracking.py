@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixtune import tracking
+from mixtune.plumbing import tracking
 
 
 @pytest.mark.parametrize("cwd, root", [
@@ -28,9 +28,8 @@ def test_the_tests_never_log_into_the_projects_store(tmp_path, cli, monkeypatch,
     import sqlite3
     import uuid
 
-    from mlflow import MlflowClient
-
     from conftest import REPO, prepare_small_task
+    from mlflow import MlflowClient
 
     project_store = REPO / "mlruns" / "mlflow.db"
     monkeypatch.chdir(REPO)
@@ -155,7 +154,7 @@ def test_flatten_and_experiment_name():
 
 
 def test_unreachable_store_is_one_line_error(tmp_path, monkeypatch):
-    from mixtune.errors import MixtuneError
+    from mixtune.plumbing.errors import MixtuneError
 
     (tmp_path / "file").write_text("")  # the store's folder would have to be inside a file
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/file/mlflow.db")
@@ -167,7 +166,7 @@ def test_unreachable_store_is_one_line_error(tmp_path, monkeypatch):
 
 
 def test_a_run_is_named_by_its_share_size_and_dvc_experiment(monkeypatch):
-    from mixtune.tracking import mix_label
+    from mixtune.plumbing.tracking import mix_label
 
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     manifest = {"generalist_share": 0.2718, "share_source": "auto", "specialist_size": 64}

@@ -16,15 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-
-from mixtune import train
-from mixtune.config import ModelConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import sha256_file
-
 from conftest import write_params
 from workspace import TASK, make_mix, runs, train_config, use_store, write_prepared, write_stage_params
 
+from mixtune.core import tune
+from mixtune.plumbing.config import ModelConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import sha256_file
+from mixtune.stages import train
 
 # --- the loss --------------------------------------------------------------------------------------------------
 
@@ -62,7 +61,7 @@ def _reference_loss(model, inputs):
 def test_completion_loss_equals_masked_cross_entropy(tiny_model, peft):
     import torch
 
-    from mixtune.model import load_base, load_tokenizer
+    from mixtune.core.model import load_base, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     model = load_base(str(tiny_model))
@@ -77,11 +76,11 @@ def test_completion_loss_equals_masked_cross_entropy(tiny_model, peft):
     with torch.no_grad():
         total, count = _reference_loss(model, inputs)
         assert count == 3 + 2 + 6 + 5  # every completion token, predicted from the position before it
-        loss = train.completion_loss(model, inputs)
+        loss = tune.completion_loss(model, inputs)
         assert loss.item() == pytest.approx((total / count).item(), abs=1e-5)
         # With the batch's token count from the Trainer (gradient accumulation, several devices): sum / that.
         n = torch.tensor(37)
-        assert train.completion_loss(model, inputs, num_items_in_batch=n).item() == \
+        assert tune.completion_loss(model, inputs, num_items_in_batch=n).item() == \
             pytest.approx((total / 37).item(), abs=1e-5)
 
 
@@ -90,7 +89,7 @@ def test_completion_loss_gradient_matches(tiny_model):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from mixtune.model import load_base, load_tokenizer
+    from mixtune.core.model import load_base, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     torch.manual_seed(0)
@@ -100,7 +99,7 @@ def test_completion_loss_gradient_matches(tiny_model):
     params = [p for p in model.parameters() if p.requires_grad]
     total, count = _reference_loss(model, inputs)
     want = torch.autograd.grad(total / count, params)
-    got = torch.autograd.grad(train.completion_loss(model, inputs), params)
+    got = torch.autograd.grad(tune.completion_loss(model, inputs), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
@@ -268,7 +267,7 @@ def _ctrl_c_after_checkpoint(monkeypatch, newer_than: int) -> None:
     saves a checkpoint beyond step `newer_than`: exactly what Ctrl-C does, with no race against the run's end."""
     from transformers import TrainerCallback
 
-    callbacks = train._callbacks
+    callbacks = tune._callbacks
 
     class CtrlC(TrainerCallback):
         sent = False
@@ -278,7 +277,7 @@ def _ctrl_c_after_checkpoint(monkeypatch, newer_than: int) -> None:
                 self.sent = True
                 os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(train, "_callbacks", lambda *a, **kw: [*callbacks(*a, **kw), CtrlC()])
+    monkeypatch.setattr(tune, "_callbacks", lambda *a, **kw: [*callbacks(*a, **kw), CtrlC()])
 
 
 def test_sigterm_then_sigint_then_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, cli, tiny_model):
@@ -420,7 +419,7 @@ def test_ddp_on_two_cpu_processes_trains_as_one_process_with_the_same_global_bat
     proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
                            str(Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"),
                            "--mixed_precision", "no", "--main_process_port", str(port),
-                           "-m", "mixtune.cli", "train"], cwd=ddp, env=env, capture_output=True, text=True, timeout=300,
+                           "-m", "mixtune.stages.train"], cwd=ddp, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("train: 10 steps") == 2  # both ranks trained: 40 examples x 2 epochs / (2 x 4)
@@ -447,7 +446,7 @@ def test_a_saved_adapter_is_the_same_bytes_in_any_clone_and_process(tmp_path, ti
     the same files, so the same DVC hash; the base inside the repository is named relative to it."""
     script = (
         "import sys, torch; from pathlib import Path; from peft import LoraConfig, get_peft_model;"
-        "from mixtune.model import load_base, load_tokenizer; from mixtune.train import save_adapter;"
+        "from mixtune.core.model import load_base, load_tokenizer; from mixtune.core.tune import save_adapter;"
         "torch.manual_seed(0); base = str(Path('models/tiny').resolve());"
         "m = get_peft_model(load_base(base), LoraConfig(r=4, lora_alpha=8, target_modules='all-linear',"
         " task_type='CAUSAL_LM', init_lora_weights=False));"
@@ -464,16 +463,15 @@ def test_a_saved_adapter_is_the_same_bytes_in_any_clone_and_process(tmp_path, ti
 
 
 def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path, monkeypatch, tiny_model):
-    """Trained in bf16, the model's forward runs under accelerate's autocast wrapper; `train.scoring` goes
+    """Trained in bf16, the model's forward runs under accelerate's autocast wrapper; `tune.scoring` goes
     around it, so a search trial's or a study cell's scores are those evaluate gives the saved adapter (fp32),
     and training keeps the wrapper."""
     import mlflow
-
-    from mixtune import score
-    from mixtune.files import read_jsonl
-    from mixtune.model import load_adapter, load_base, load_tokenizer
-
     from conftest import section
+
+    from mixtune.core import score
+    from mixtune.core.model import load_adapter, load_base, load_tokenizer
+    from mixtune.plumbing.files import read_jsonl
 
     use_store(monkeypatch, tmp_path)
     write_prepared(tmp_path)
@@ -482,16 +480,16 @@ def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path
     scored = [ex for ex in examples if ex["options"]][:6]
     assert len(scored) == 6
     tokenizer = load_tokenizer(str(tiny_model))
-    trainer = train.tuner(train_config(max_steps=4), str(tiny_model), examples, tmp_path / "out", "bf16", tokenizer)
+    trainer = tune.tuner(train_config(max_steps=4), str(tiny_model), examples, tmp_path / "out", "bf16", tokenizer)
     with mlflow.start_run():  # the tuner logs its per-step loss into the active run, as a search trial's
         trainer.train()
     cfg = section("evaluate", batch_size=4)
     wrapped = trainer.model.forward
     through_wrapper = score.answer(trainer.model, tokenizer, scored, cfg)[1]
-    with train.scoring(trainer.model) as model:
+    with tune.scoring(trainer.model) as model:
         around = score.answer(model, tokenizer, scored, cfg)[1]
     assert trainer.model.forward == wrapped  # training goes on under autocast
-    train.save_adapter(trainer.model, tokenizer, tmp_path / "adapter")
+    tune.save_adapter(trainer.model, tokenizer, tmp_path / "adapter")
     saved = load_adapter(load_base(str(tiny_model)), tmp_path / "adapter").eval()
     as_evaluated = score.answer(saved, tokenizer, scored, cfg)[1]
     for a, e in zip(around, as_evaluated):
@@ -507,8 +505,8 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
     the same bf16 numbers. Checked by breaking it: casting the tied embedding too moved the losses."""
     import torch
 
-    from mixtune.files import read_jsonl
-    from mixtune.model import load_tokenizer
+    from mixtune.core.model import load_tokenizer
+    from mixtune.plumbing.files import read_jsonl
 
     use_store(monkeypatch, tmp_path)
     write_prepared(tmp_path)
@@ -519,8 +517,8 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
     runs_ = {}
     for held in (True, False):
         torch.manual_seed(0)
-        trainer = train.tuner(cfg, str(tiny_model), examples, tmp_path / f"out-{held}", "bf16", tokenizer)
-        weights = trainer.model.__dict__[train.FP32_HELD]
+        trainer = tune.tuner(cfg, str(tiny_model), examples, tmp_path / f"out-{held}", "bf16", tokenizer)
+        weights = trainer.model.__dict__[tune.FP32_HELD]
         linear = trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
         assert len(weights) == 7 * len(trainer.model.base_model.model.model.layers)  # the 7 projections a layer
         assert linear.dtype == torch.bfloat16
@@ -528,9 +526,9 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
         if not held:  # autocast over the fp32 weights, as before
             for w, fp32, _ in weights:
                 w.data = fp32
-            trainer.model.__dict__[train.FP32_HELD] = []
+            trainer.model.__dict__[tune.FP32_HELD] = []
         trainer.train()
-        with train.scoring(trainer.model) as model:
+        with tune.scoring(trainer.model) as model:
             scored_dtype = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.dtype
         assert scored_dtype == torch.float32
         lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import search_project as sp
-from mixtune import mix, search, train, trial
-from mixtune.config import MixConfig
 
+from mixtune.core import trial, tune
+from mixtune.plumbing.config import MixConfig
+from mixtune.stages import mix, search, train
 
 TRAIN = {"save_steps": 2, "logging_steps": 3}
 
@@ -88,7 +88,7 @@ def test_a_new_search_over_the_same_mixes_trains_nothing_again(project, tiny_mod
     def no_training(*args, **kw):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(train, "tuner", no_training)
+    monkeypatch.setattr(tune, "tuner", no_training)
     second = search.run(*sp.search_sections(project))
     assert second["search"] != first["search"]
     trials = [t for t in sp.study_named(project, second["search"]).trials]

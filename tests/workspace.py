@@ -6,12 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mixtune import mix
-from mixtune.config import TrainConfig
-from mixtune.files import write_json, write_jsonl
-from mixtune.schema import make_example
-
 from conftest import section, sentence, write_params
+
+from mixtune.core.schema import make_example
+from mixtune.plumbing.config import TrainConfig
+from mixtune.plumbing.files import write_json, write_jsonl
+from mixtune.stages import mix
 
 LABELS = ["a", "b", "c"]
 INSTRUCTION = "Which class? Answer with one of: a, b, c."

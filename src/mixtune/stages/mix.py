@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from mixtune.config import MixConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, dumps, write_json
+from mixtune.plumbing import entry
+from mixtune.plumbing.config import MixConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_dir, dumps, write_json
 
 
 def generalist_count(specialist_size: int, share: float) -> int:
@@ -121,3 +123,26 @@ def run(cfg: MixConfig, prepared: Path = Path("prepared"), out: Path = Path("mix
         (tmp / "train.jsonl").write_bytes(data)
         write_json(tmp / "manifest.json", manifest)
     return manifest
+
+
+# --- the stage's command (`python -m mixtune.stages.mix`, `mixtune mix`) -------------------------------------------
+
+
+def command(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    m = run(load_section("mix", args.params), Path(args.prepared), Path(args.out))
+    print(f"mix: {m['total']} examples ({m['specialist_size']} specialist + {m['generalist_size']} generalist, "
+          f"share {m['generalist_share']:.2f} {'from the search' if m['share_source'] == 'auto' else 'set by hand'}), "
+          f"sha256 {m['sha256'][:12]}")
+
+
+def parser():
+    p = entry.parser("mixtune mix", "sample the training set at mix.generalist_share")
+    p.add_argument("--prepared", default="prepared")
+    p.add_argument("--out", default="mix")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(entry.main(parser(), command))

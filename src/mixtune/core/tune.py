@@ -1,35 +1,30 @@
-"""train: TRL SFTTrainer + a PEFT LoRA adapter on the mix; loss on the completion only.
-
-Outputs: train/adapter/ (adapter + tokenizer), train/loss.csv (DVC plot), train/metrics.json (DVC metrics: what
-was trained, no timings: those go to MLflow, so a re-run that trains the same changes no tracked file). The
-stage's MLflow run carries the adapter (artifacts under adapter/) and its sha256 as a tag, by which evaluate
-and register find it.
-Checkpoints go to .cache/checkpoints/<key of inputs and params>: DVC deletes a stage's outputs before it runs,
-so they live outside them, and a re-run after an interruption resumes from the last one.
-When a search trial already trained this exact mix with this config and code (mixtune.trial), the stage takes
-its adapter, loss curve and metrics instead of training them again, and says so in its log and MLflow run.
-"""
+"""The one way mixtune tunes an adapter: TRL's SFTTrainer with a PEFT LoRA adapter, the loss on the completion
+only, per-step loss into the active MLflow run, a non-finite loss stops it; the adapter saved byte-stable. The
+train stage (mixtune.stages.train), a search trial and a study cell all tune through `tuner` (mixtune.core.trial
+stores what they trained)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
 
-from mixtune.config import ModelConfig, TrainConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, read_jsonl, sha256_file
-from mixtune.model import adapter_file, load_base, load_tokenizer, precision, resolve_base
-from mixtune.tracking import ADAPTER_TAG, REUSED_TAG, Timer, log_dataset, mix_label, repo_root, stage_run
+from mixtune.core.model import load_base, load_tokenizer
+from mixtune.plumbing.config import TrainConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_dir
+from mixtune.plumbing.tracking import Timer, repo_root
+
+FP32_HELD = "_mixtune_fp32_weights"  # on the model: (parameter, its fp32 tensor, its bf16 tensor) per frozen weight
+
 
 # LoRA training costs about 4 FLOP per parameter per token: forward 2, backward through activations 2 (the
 # frozen base weights get no gradient).
 FLOP_PER_PARAM_TOKEN = 4
+
 
 
 def to_conversational(example: dict) -> dict:
@@ -37,7 +32,8 @@ def to_conversational(example: dict) -> dict:
     return {"prompt": example["prompt"], "completion": [{"role": "assistant", "content": example["completion"]}]}
 
 
-class _Stop:
+
+class Stop:
     """SIGINT/SIGTERM during training: finish the step, save a checkpoint, stop; before it: stop at once."""
 
     def __init__(self) -> None:
@@ -60,6 +56,7 @@ class _Stop:
         self.requested = True
 
 
+
 def completion_loss(model, inputs: dict, num_items_in_batch=None):
     """Cross-entropy on the completion tokens, projecting through the LM head only where a label exists.
 
@@ -80,6 +77,7 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
                                              ignore_index=-100, reduction="sum")
     n = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum().clamp(min=1)
     return loss / n
+
 
 
 def _trainer_class():
@@ -117,6 +115,7 @@ def _trainer_class():
     return CompletionTrainer
 
 
+
 def _log_step(row: dict, step: int, state, timer: Timer) -> None:
     """A logged step into the active MLflow run, if there is one (rank 0 only): logging with none active would
     start a run of its own and leave it open."""
@@ -127,7 +126,8 @@ def _log_step(row: dict, step: int, state, timer: Timer) -> None:
             mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "step"}, step=step)
 
 
-def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list, save_steps: int):
+
+def _callbacks(stop: Stop, tokens_per_step: float, timer: Timer, log_rows: list, save_steps: int):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -176,12 +176,14 @@ def _callbacks(stop: _Stop, tokens_per_step: float, timer: Timer, log_rows: list
     return [Progress()]
 
 
-def add_progress(trainer, cfg: TrainConfig, timer: Timer, log_rows: list, stop: _Stop | None = None) -> None:
+
+def add_progress(trainer, cfg: TrainConfig, timer: Timer, log_rows: list, stop: Stop | None = None) -> None:
     """Per-step loss, learning rate and throughput into `log_rows` and the active MLflow run; a non-finite loss
     raises MixtuneError; `stop` (SIGINT/SIGTERM) ends training at a saved checkpoint."""
     steps_per_epoch = math.ceil(len(trainer.train_dataset) / (cfg.batch_size * cfg.grad_accum))
-    for cb in _callbacks(stop or _Stop(), dataset_tokens(trainer) / steps_per_epoch, timer, log_rows, cfg.save_steps):
+    for cb in _callbacks(stop or Stop(), dataset_tokens(trainer) / steps_per_epoch, timer, log_rows, cfg.save_steps):
         trainer.add_callback(cb)
+
 
 
 def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir: Path, prec: str, tokenizer=None):
@@ -219,8 +221,6 @@ def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir:
     return trainer
 
 
-FP32_HELD = "_mixtune_fp32_weights"  # on the model: (parameter, its fp32 tensor, its bf16 tensor) per frozen weight
-
 
 def hold_frozen_bf16(model) -> int:
     """Hold the frozen Linear weights in bf16 for training: bf16 autocast casts each of them at every use, forward
@@ -243,8 +243,9 @@ def hold_frozen_bf16(model) -> int:
     return sum(w.numel() for w, _, _ in held)
 
 
+
 def tuner(cfg: TrainConfig, base: str, examples: list[dict], workdir: Path, prec: str, tokenizer, *,
-          callbacks=(), checkpoints: bool = False, stop: _Stop | None = None, timer: Timer | None = None,
+          callbacks=(), checkpoints: bool = False, stop: Stop | None = None, timer: Timer | None = None,
           log_rows: list | None = None):
     """The one way mixtune tunes an adapter (the train stage, the search's trials, the study's cells): the
     SFTTrainer with LoRA on `examples`, per-step loss into the active MLflow run, a non-finite loss stops it.
@@ -256,6 +257,7 @@ def tuner(cfg: TrainConfig, base: str, examples: list[dict], workdir: Path, prec
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer
+
 
 
 @contextlib.contextmanager
@@ -280,116 +282,17 @@ def scoring(model):
             w.data = bf16
 
 
+
 def trained_tokens(trainer) -> int:
     """Tokens trained on so far (epochs done x tokens per epoch): the compute a run spent."""
     return round(dataset_tokens(trainer) * (trainer.state.epoch or 0.0))
 
 
-def checkpoint_key(cfg: TrainConfig, model: ModelConfig, mix_sha: str) -> str:
-    blob = json.dumps([cfg.model_dump(), model.model_dump(), mix_sha], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), out: Path = Path("train"),
-        checkpoints: Path = Path(".cache/checkpoints"), reuse: bool = True) -> dict:
-    """`reuse`: take a search trial's outputs when one trained exactly this (mixtune.trial); False retrains."""
-    from mixtune import trial
-
-    manifest_path = mix_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise MixtuneError(f"{manifest_path}: no such file (run the mix stage first)")
-    manifest = json.loads(manifest_path.read_text())
-    base = resolve_base(model_cfg.base)
-    prec = precision(cfg.precision)
-    timer = Timer()
-    params = {"model": model_cfg.model_dump(), "train": cfg.model_dump(),
-              "mix": {k: manifest[k] for k in ("specialist_size", "generalist_share", "generalist_size", "seed")},
-              "precision_used": prec}
-    tags = {"mixtune.mix_sha256": manifest["sha256"]}
-    hit = trial.cached(trial.key(cfg, model_cfg, manifest["sha256"], prec)) if reuse else None
-
-    with _Stop() as stop, stage_run("train", manifest["specialist_tasks"], params, tags, timer,
-                                          label=mix_label(manifest)) as mlrun:
-        t0 = time.perf_counter()
-        import mlflow
-
-        examples = read_jsonl(mix_dir / "train.jsonl")
-        main = mlrun is not None  # rank 0 under `accelerate launch`; the other ranks only train
-        if main:
-            with timer():
-                log_dataset(examples, mix_dir / "train.jsonl", f"mix-{manifest['sha256'][:12]}", "training")
-        if hit is not None and main:
-            meta = trial.take(hit, out)
-            metrics = json.loads((out / "metrics.json").read_text())
-            note = (f"reused search trial {meta['trial']} (share {manifest['generalist_share']:.2f}, search "
-                    f"{meta['search']}): it trained this mix (sha256 {manifest['sha256'][:12]}) with this training "
-                    "config and code, so its adapter is this stage's, not retrained")
-            print(f"train: {note}")
-            with timer():
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-                mlflow.log_dict(manifest, "mix_manifest.json")
-                mlflow.log_artifact(str(out / "loss.csv"))
-                mlflow.log_artifacts(str(out / "adapter"), "adapter")
-                mlflow.set_tags({ADAPTER_TAG: sha256_file(adapter_file(out / "adapter")),
-                                 REUSED_TAG: meta.get("run_id", ""), "mlflow.note.content": note})
-            return {**metrics, "reused": meta}
-        from transformers.trainer_utils import get_last_checkpoint
-
-        ckpt_dir = checkpoints / checkpoint_key(cfg, model_cfg, manifest["sha256"])
-        tokenizer = load_tokenizer(base)
-        log_rows: list[dict] = []
-        trainer = tuner(cfg, base, examples, ckpt_dir, prec, tokenizer, checkpoints=True, stop=stop, timer=timer,
-                        log_rows=log_rows)
-        tokens_per_epoch = dataset_tokens(trainer)
-        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-        # Read now: save_total_limit deletes the resumed checkpoint once two newer ones are saved.
-        resumed = _checkpoint_state(resume) if resume else {}
-        if resume:
-            print(f"train: resuming from {resume}")
-        t_train = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume)
-        train_seconds = time.perf_counter() - t_train
-        stop.in_loop = False
-        if stop.requested:
-            print(f"train: interrupted at step {trainer.state.global_step}; checkpoint saved, re-run to resume")
-            raise KeyboardInterrupt
-
-        new_tokens = trained_tokens(trainer) - round(tokens_per_epoch * float(resumed.get("epoch") or 0.0))
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        tps = new_tokens / train_seconds
-        # result.training_loss averages only the steps run in this call; a resumed run adds the steps before
-        # the checkpoint from its log history (complete up to it: on_step_end logs at every save).
-        done = int(resumed.get("global_step") or 0)
-        steps = trainer.state.global_step
-        train_loss = (_loss_sum(trainer.state.log_history, done) + result.training_loss * (steps - done)) / max(steps, 1)
-        metrics = {**trial.tracked(trainer, train_loss, log_rows),
-                   "tokens_per_second": tps, "model_tflops_per_second": tps * FLOP_PER_PARAM_TOKEN * n_params / 1e12,
-                   "train_seconds": train_seconds, "resumed": bool(resume)}
-        if not main:
-            return metrics
-        trial.save(trainer.model, tokenizer, metrics, log_rows, out)
-        with timer():
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-            mlflow.log_dict(manifest, "mix_manifest.json")
-            mlflow.log_artifact(str(out / "loss.csv"))
-            mlflow.log_artifacts(str(out / "adapter"), "adapter")
-            mlflow.set_tags({ADAPTER_TAG: sha256_file(adapter_file(out / "adapter")), "mlflow.note.content": (
-                f"{len(examples)} examples ({manifest['specialist_size']} of the task, generalist share "
-                f"{manifest['generalist_share']:.2f}), {metrics['steps']} steps: loss {train_loss:.3f} on average"
-                + (f", {metrics['final_loss']:.3f} at the end" if metrics["final_loss"] is not None else "")
-                + f"; {tps:.0f} tokens/s")})
-        metrics["stage_seconds"] = time.perf_counter() - t0
-        metrics["mlflow_seconds"] = timer.seconds
-        metrics["mlflow_share"] = timer.seconds / metrics["stage_seconds"]
-        with timer():
-            mlflow.log_metrics({k: metrics[k] for k in ("stage_seconds", "mlflow_seconds", "mlflow_share")})
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # done: the adapter is saved and logged
-    return metrics
-
 
 def dataset_tokens(trainer) -> int:
     """Tokens in one epoch of the trainer's (tokenized) dataset: the unit of the training compute budget."""
     return sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+
 
 
 def save_adapter(peft_model, tokenizer, path: Path) -> None:
@@ -411,19 +314,6 @@ def save_adapter(peft_model, tokenizer, path: Path) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").unlink(missing_ok=True)
 
-
-def _checkpoint_state(checkpoint: str) -> dict:
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-
-
-def _loss_sum(log_history: list[dict], upto: int) -> float:
-    """Sum of the per-step losses up to step `upto` (each logged loss is the mean over its interval)."""
-    total, prev = 0.0, 0
-    for e in log_history:
-        if "loss" in e and e["step"] <= upto:
-            total += e["loss"] * (e["step"] - prev)
-            prev = e["step"]
-    return total
 
 
 def _cuda() -> bool:

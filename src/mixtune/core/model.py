@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtune.errors import MixtuneError, first_line
+from mixtune.plumbing.errors import MixtuneError, first_line
 
 
 def resolve_base(base: str) -> str:
     """A local folder becomes absolute (PEFT and MLflow store the path as given); anything else is a hub id."""
-    from mixtune.tracking import repo_root
+    from mixtune.plumbing.tracking import repo_root
 
     path = Path(base)
     if not path.is_absolute() and not path.exists() and (repo_root() / path).exists():

@@ -11,103 +11,21 @@ Outputs (under `prepared/`):
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
-import re
-from collections import Counter, defaultdict
+import sys
+from collections import Counter
 from pathlib import Path
 
-from mixtune.config import ModelConfig, PrepareConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, atomic_file, write_json, write_jsonl
-from mixtune.schema import prompt_text
-from mixtune.sources import GIVEN, Fit, read_source, where_of
-from mixtune.sources import parts as parts_of
+from mixtune.core.schema import prompt_text
+from mixtune.core.sources import GIVEN, Fit, read_source, where_of
+from mixtune.core.sources import parts as parts_of
+from mixtune.core.splits import decontaminate, dedupe, given_any, place, probe_questions
+from mixtune.plumbing import entry
+from mixtune.plumbing.config import ModelConfig, PrepareConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_dir, atomic_file, write_json, write_jsonl
 
-_WORD = re.compile(r"\w+")
 TRAIN_KEYS = ("max_length",)  # of the train section: examples are measured against it
-
-
-def _key(example: dict, with_completion: bool) -> bytes:
-    text = prompt_text(example) + ("\x00" + example["completion"] if with_completion else "")
-    return hashlib.blake2b(text.encode(), digest_size=16).digest()
-
-
-def dedupe(examples: list[dict], *, with_completion: bool, keep: int = 0) -> tuple[list[dict], int]:
-    """Drop exact duplicates, keeping the first; the first `keep` examples are kept whatever they hold (a given
-    dev/test split, as the data has it). Specialist: same input (else a test input leaks into train)."""
-    seen, kept = set(), []
-    for i, ex in enumerate(examples):
-        k = _key(ex, with_completion)
-        if k not in seen or i < keep:
-            seen.add(k)
-            kept.append(ex)
-    return kept, len(examples) - len(kept)
-
-
-def place(examples: list[dict], dev_fraction: float, test_fraction: float, seed: int) -> tuple[dict, int]:
-    """The specialist examples into train/dev/test: a dev or test split the data gives is kept as it is, in
-    its order; the rest is deduplicated (against the given splits too) and split (`split`), except for the
-    splits its task is given. -> (the splits, duplicates removed)."""
-    given = [ex for ex in examples if ex.get(GIVEN) in ("dev", "test")]
-    rest = [ex for ex in examples if ex.get(GIVEN) not in ("dev", "test")]
-    kept, removed = dedupe(given + rest, with_completion=False, keep=len(given))
-    has = {(ex["task"], ex[GIVEN]) for ex in given}
-    groups: dict[tuple[float, float], list[dict]] = defaultdict(list)
-    for ex in kept[len(given):]:
-        groups[(0.0 if (ex["task"], "dev") in has else dev_fraction,
-                0.0 if (ex["task"], "test") in has else test_fraction)].append(ex)
-    out = {"train": [], "dev": [ex for ex in given if ex[GIVEN] == "dev"],
-           "test": [ex for ex in given if ex[GIVEN] == "test"]}
-    for (dev, test), group in sorted(groups.items()):
-        for name, part in split(group, dev, test, seed).items():
-            out[name] += part
-    return {name: [{k: v for k, v in ex.items() if k != GIVEN} for ex in part] for name, part in out.items()}, removed
-
-
-def given_any(stats: dict, name: str) -> bool:
-    return any(name in s.get("given_splits", {}) for s in stats["specialist"].values())
-
-
-def ngrams(text: str, n: int) -> set[int]:
-    words = _WORD.findall(text.lower())
-    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
-
-
-def decontaminate(pool: list[dict], protected: list[dict], n: int) -> tuple[list[dict], int]:
-    """Drop pool examples sharing any word n-gram with a protected (specialist dev/test) input."""
-    banned: set[int] = set()
-    for ex in protected:
-        banned |= ngrams(prompt_text(ex), n)
-    kept = [ex for ex in pool if ngrams(prompt_text(ex) + " " + ex["completion"], n).isdisjoint(banned)]
-    return kept, len(pool) - len(kept)
-
-
-def split(examples: list[dict], dev_fraction: float, test_fraction: float, seed: int) -> dict[str, list[dict]]:
-    """Seeded split, stratified by task and (for classification) label, so every split has every class."""
-    strata: dict[tuple, list[dict]] = defaultdict(list)
-    for ex in examples:
-        strata[(ex["task"], ex["completion"] if ex["options"] else "")].append(ex)
-    out = {"train": [], "dev": [], "test": []}
-    rng = random.Random(seed)
-    for key in sorted(strata):
-        group = strata[key]
-        rng.shuffle(group)
-        n_test, n_dev = round(len(group) * test_fraction), round(len(group) * dev_fraction)
-        out["test"] += group[:n_test]
-        out["dev"] += group[n_test : n_test + n_dev]
-        out["train"] += group[n_test + n_dev :]
-    for part in out.values():  # interleave strata so file order carries no label signal
-        rng.shuffle(part)
-    return out
-
-
-def probe_questions(pool: list[dict], k: int, seed: int, max_options: int = 8, max_chars: int = 800) -> list[dict]:
-    """k multiple-choice questions of the pool, seeded, short enough to score cheaply (fewer if it has fewer)."""
-    fit = [ex for ex in pool if ex["options"] and len(ex["options"]) <= max_options
-           and len(prompt_text(ex)) + sum(map(len, ex["options"])) <= max_chars]
-    return random.Random(seed).sample(fit, min(k, len(fit)))
 
 
 def _record(example: dict) -> int:
@@ -190,7 +108,7 @@ def _fit(src, cfg: PrepareConfig, root: Path, examples: list[dict], lengths: lis
          tokenizer, max_length: int, recipes: dict) -> tuple[list[dict], int]:
     """A specialist source with examples over max_length: a one-line error that says what to change, or
     (too_long: truncate_input) the source read again with every prompt cut to fit, its answer whole."""
-    from mixtune.model import chat_tokens
+    from mixtune.core.model import chat_tokens
 
     longest = max(over, key=lambda i: lengths[i])
     if cfg.too_long == "error" or src.kind == "bigbench":
@@ -216,7 +134,7 @@ def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path 
     """`max_length`: train.max_length. Every example is measured in the base model's tokens through its chat
     template, as training tokenizes it: training truncates at max_length and drops an example whose answer is
     cut, so none goes in over it (too_long)."""
-    from mixtune.model import chat_tokens, load_tokenizer, resolve_base, with_answer
+    from mixtune.core.model import chat_tokens, load_tokenizer, resolve_base, with_answer
 
     loose = unversioned(cfg, root)  # before anything is read
     tokenizer = load_tokenizer(resolve_base(model_cfg.base))
@@ -300,7 +218,7 @@ def log_run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, stats: 
     metrics, the data card and stats.json as artifacts, and what it made as its description."""
     import mlflow
 
-    from mixtune.tracking import flatten, stage_run, with_exp_name
+    from mixtune.plumbing.tracking import flatten, stage_run, with_exp_name
 
     settings = cfg.model_dump(mode="json")
     sources = {k: settings.pop(k) for k in ("specialist", "generalist")}  # lists: an artifact, not params
@@ -335,7 +253,7 @@ def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tok
     """prepared/card.md: what training will see, per task: its first examples rendered through the chat template
     exactly as the trainer tokenizes them, label counts per split, token lengths against max_length, and what
     was cut, removed or is suspicious (labels the training split never has)."""
-    from mixtune.model import chat_tokens, with_answer
+    from mixtune.core.model import chat_tokens, with_answer
 
     tasks = sorted({ex["task"] for part in parts.values() for ex in part})
     lines = [f"# Data card: {', '.join(tasks)}", "",
@@ -383,3 +301,28 @@ def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tok
               (f"- forgetting probe {stats['generalist_probe']} questions; pool {stats['generalist_pool']} examples "
                f"of {stats['generalist_tasks']} tasks"), ""]
     return "\n".join(lines)
+
+
+# --- the stage's command (`python -m mixtune.stages.prepare`, `mixtune prepare`) -----------------------------------
+
+
+def command(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    cfg, model_cfg = load_section("prepare", args.params), load_section("model", args.params)
+    max_length = load_section("train", args.params, keys=TRAIN_KEYS).max_length
+    stats = run(cfg, model_cfg, max_length, Path(args.root), Path(args.out))
+    log_run(cfg, model_cfg, max_length, stats, Path(args.out))
+    print(f"prepared: splits {stats['splits']}, generalist pool {stats['generalist_pool']} "
+          f"({stats['decontaminated']} decontaminated)")
+
+
+def parser():
+    p = entry.parser("mixtune prepare", "normalize, dedupe, decontaminate and split the sources")
+    p.add_argument("--root", default=".", help="folder the source paths are relative to")
+    p.add_argument("--out", default="prepared")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(entry.main(parser(), command))

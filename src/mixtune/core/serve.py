@@ -26,9 +26,9 @@ from types import SimpleNamespace
 
 import mlflow
 
-from mixtune import score, sources
-from mixtune.errors import MixtuneError
-from mixtune.files import write_json
+from mixtune.core import readers, score, sources
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import write_json
 
 ARTIFACT = "model"  # the logged model's name in its run
 
@@ -40,7 +40,7 @@ class Requests:
     def __init__(self, recipe: dict, tokenizer=None) -> None:
         """`tokenizer`: the served model's, to cut inputs to the recipe's token budget as prepare did
         (prepare.too_long: truncate_input); without it (checking a file before the model loads) nothing is cut."""
-        from mixtune.model import chat_tokens
+        from mixtune.core.model import chat_tokens
 
         def prompt_tokens(prompt: list[dict]) -> int:
             return chat_tokens(tokenizer, [prompt], add_generation_prompt=True)[0]
@@ -56,7 +56,7 @@ class Requests:
             if not isinstance(row, dict):
                 raise MixtuneError(f"{at}: expected an object with fields, got {type(row).__name__}")
             row = {k: _plain(v) for k, v in row.items() if not _missing(v)}
-            sources.check_surrogates(at, row)  # a lone "\ud83d" (JSON allows it): no tokenizer can encode it
+            readers.check_surrogates(at, row)  # a lone "\ud83d" (JSON allows it): no tokenizer can encode it
             task = row.get("task", next(iter(self.tasks)) if len(self.tasks) == 1 else None)
             if task not in self.tasks:
                 state = "missing" if task is None else f"{task!r} is not a task of this model"
@@ -98,7 +98,7 @@ def _probabilities(options: list[str], loglik: list[float]) -> dict[str, float]:
 
 class TaskModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from mixtune.model import load_adapter, load_base, load_tokenizer
+        from mixtune.core.model import load_adapter, load_base, load_tokenizer
 
         self.recipe = json.loads(Path(context.artifacts["recipe"]).read_text())
         base = self.recipe["base"]

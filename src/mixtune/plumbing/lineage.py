@@ -17,11 +17,11 @@ import hashlib
 from pathlib import Path
 
 PACKAGE = "mixtune"
-ROOT = Path(__file__).resolve().parent  # src/mixtune
+ROOT = Path(__file__).resolve().parents[1]  # src/mixtune
 
 
 def module_file(module: str) -> Path:
-    """`mixtune.search` -> src/mixtune/search.py (a package -> its __init__.py)."""
+    """`mixtune.stages.search` -> src/mixtune/stages/search.py (a package -> its __init__.py)."""
     parts = module.split(".")[1:]
     path = ROOT.joinpath(*parts)
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
@@ -51,7 +51,8 @@ def _tree(path: Path) -> ast.Module:
 
 
 def closure(modules: set[str] | list[str]) -> set[str]:
-    """`modules`, every project module they can import, transitively, and the package's __init__."""
+    """`modules`, every project module they can import, transitively, and the packages holding them (whose
+    __init__ runs first)."""
     seen: set[str] = set()
     todo = [PACKAGE, *modules]
     while todo:
@@ -59,22 +60,9 @@ def closure(modules: set[str] | list[str]) -> set[str]:
         if m in seen:
             continue
         seen.add(m)
-        todo += imported(_tree(module_file(m))) - seen
+        parents = {".".join(m.split(".")[:i]) for i in range(1, m.count(".") + 1)}
+        todo += (imported(_tree(module_file(m))) | parents) - seen
     return seen
-
-
-def function_closure(module: str, function: str) -> set[str]:
-    """The modules a call of `module.function` can import: the module's top-level imports, the function's own
-    (it is where a CLI command imports its stage), and everything those import."""
-    tree = _tree(module_file(module))
-    top = {n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)}
-    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function), None)
-    if fn is None:
-        raise LookupError(f"{module}.{function}: no such function")
-    found: set[str] = set()
-    for n in [*top, fn]:
-        found |= imported(n)
-    return closure(found) | {module}  # the module's file, not all its other functions import
 
 
 def files(modules: set[str]) -> list[Path]:
@@ -150,7 +138,8 @@ def reruns(repo: Path, dvc_files: tuple[str, ...] = ("dvc.yaml", "study/dvc.yaml
         direct = {n for n, s in stages.items() if any(key == p or key.startswith(p + ".") for p in s["params"])}
         rows.setdefault(rerun(direct), []).append(f"`{key}`")
     for src in sorted({d for s in stages.values() for d in s["deps"] if d.startswith("src/")}):
-        rows.setdefault(rerun({n for n, s in stages.items() if src in s["deps"]}), []).append(f"`{Path(src).name}`")
+        shown = Path(src).relative_to("src/mixtune")
+        rows.setdefault(rerun({n for n, s in stages.items() if src in s["deps"]}), []).append(f"`{shown}`")
     return {", ".join(what): list(names) for names, what in rows.items()}
 
 
@@ -160,5 +149,5 @@ def rerun_table(repo: Path) -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m mixtune.lineage: the table in docs/pipeline.md
+if __name__ == "__main__":  # python -m mixtune.plumbing.lineage: the table in docs/pipeline.md
     print(rerun_table(Path.cwd()), end="")

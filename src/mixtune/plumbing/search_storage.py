@@ -1,5 +1,5 @@
-"""The Optuna study behind a search: its storage, the claim that orders the processes sharing it, stale trials,
-and the MLflow runs of the study and of each trial.
+"""The Optuna study behind a search: its storage, its sampler (never a share already measured), the claim that
+orders the processes sharing it, stale trials, and the MLflow runs of the study and of each trial.
 
 Storage: search/optuna.journal by default (a file; a killed process leaves its trial RUNNING, and the next
 process on this machine fails it because that process is gone), or a database URL (RDB storage with heartbeats:
@@ -17,8 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtune.errors import MixtuneError, first_line
-from mixtune.tracking import Timer, repo_root, stage_run, tracking_uri, with_exp_name
+from mixtune.plumbing.errors import MixtuneError, first_line
+from mixtune.plumbing.tracking import Timer, repo_root, stage_run, tracking_uri, with_exp_name
 
 HEARTBEAT, GRACE = 10, 60  # seconds; GRACE covers a pause of the heartbeat thread under a long forward pass
 
@@ -227,3 +227,32 @@ def trial_run(parent: Parent, trial, share: float, size: int, timer: Timer):
         with timer():
             mlflow.set_tag("mixtune.trial_state", state)
             mlflow.end_run(status)
+
+
+SAME_SHARE = 0.01  # shares closer than this train nearly the same mix (one example apart at 64): not a new point
+
+
+
+def sampler(**kw):
+    """Optuna's GPSampler, except that a share already measured (or being measured) is never proposed again:
+    with noisy scores the process may well pick an end of the range twice, but the curve needs new points, and
+    the answer reads one trial per share. Such a proposal becomes the middle of the widest gap between the
+    shares measured so far."""
+    import optuna
+    from optuna.trial import TrialState
+
+    class NewShares(optuna.samplers.GPSampler):
+        def sample_relative(self, study, trial, search_space):
+            params = super().sample_relative(study, trial, search_space)
+            share = params.get("generalist_share")
+            if share is None:
+                return params
+            low, high = search_space["generalist_share"].low, search_space["generalist_share"].high
+            taken = sorted({share_of(t) for t in study.get_trials(deepcopy=False, states=(
+                TrialState.COMPLETE, TrialState.RUNNING)) if share_of(t) is not None} | {low, high})
+            if min(abs(share - s) for s in taken) < SAME_SHARE:
+                a, b = max(zip(taken, taken[1:]), key=lambda gap: gap[1] - gap[0])
+                params["generalist_share"] = (a + b) / 2
+            return params
+
+    return NewShares(**kw)

@@ -11,7 +11,6 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -18,9 +18,9 @@ import io
 
 import numpy as np
 
-from mixtune import metrics as M
-from mixtune.errors import MixtuneError
-from mixtune.search_storage import count, share_of
+from mixtune.core import metrics as M
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.search_storage import count, share_of
 
 CSV_FIELDS = ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "near_optimal", "forgetting",
               "trained_tokens"]

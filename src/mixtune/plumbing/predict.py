@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mixtune import sources
-from mixtune.errors import MixtuneError, first_line
-from mixtune.files import write_jsonl
-from mixtune.tracking import tracking_uri
+from mixtune.core import readers
+from mixtune.plumbing.errors import MixtuneError, first_line
+from mixtune.plumbing.files import write_jsonl
+from mixtune.plumbing.tracking import tracking_uri
 
 
 def download(model_uri: str) -> Path:
@@ -39,12 +39,12 @@ def recipe_of(model_dir: Path, model_uri: str) -> dict:
 def run(model_uri: str, input_path: Path, output: Path, file_format: str | None = None) -> int:
     import pandas as pd
 
-    from mixtune.serve import Requests
+    from mixtune.core.serve import Requests
 
     if output.is_dir():
         raise MixtuneError(f"{output}: --output: is a directory; name the file to write, e.g. "
                            f"{output / 'predictions.jsonl'}")
-    records = list(sources.file_records(input_path, str(input_path), file_format, "--input"))
+    records = list(readers.file_records(input_path, str(input_path), file_format, "--input"))
     if not records:
         raise MixtuneError(f"{input_path}: no records")
     model_dir = download(model_uri)

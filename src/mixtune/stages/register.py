@@ -15,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
-from mixtune import score
-from mixtune.config import ModelConfig, RegisterConfig, load_section
-from mixtune.errors import MixtuneError, first_line
-from mixtune.files import read_jsonl, sha256_file, write_json
-from mixtune.model import adapter_file, resolve_base
-from mixtune.tracking import PREDICTIONS_TAG, data_hash, find_run, mix_label, stage_run, tracking_uri
+from mixtune.core import score
+from mixtune.core.model import adapter_file, resolve_base
+from mixtune.plumbing import entry
+from mixtune.plumbing.config import ModelConfig, RegisterConfig, load_section
+from mixtune.plumbing.errors import MixtuneError, first_line
+from mixtune.plumbing.files import read_jsonl, sha256_file, write_json
+from mixtune.plumbing.tracking import PREDICTIONS_TAG, data_hash, find_run, mix_label, stage_run, tracking_uri
 
 # Of evaluate's keys, the ones register reads: the champion's interval, and how the served model answers
 # (as evaluate answered).
@@ -180,7 +182,7 @@ def run(cfg: RegisterConfig, eval_cfg, model_cfg: ModelConfig, prepared: Path = 
             "mixtune.register_run_id": mlrun.info.run_id,
             "mixtune.decision": "promoted" if promote else "kept", "mixtune.reason": reason,
         }
-        from mixtune import serve
+        from mixtune.core import serve
 
         with registry_errors():
             info = serve.log_model(train / "adapter", recipe)
@@ -231,3 +233,20 @@ def promote(version: int, name: str) -> dict:
                                      f"by hand at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; champion was "
                                      f"{'v' + str(previous) if previous else 'none'}")
     return {"name": name, "version": version, "previous": previous}
+
+
+# --- the stage's command (`python -m mixtune.stages.register`, `mixtune register`) ---------------------------------
+
+
+def command(args) -> None:
+    r = run(load_section("register", args.params), load_section("evaluate", args.params, keys=EVALUATE_KEYS),
+            load_section("model", args.params))
+    print(f"register: {r['name']} version {r['version']}: {r['reason']}")
+
+
+def parser():
+    return entry.parser("mixtune register", "register the tuned adapter as evaluated; champion moves if it wins")
+
+
+if __name__ == "__main__":
+    sys.exit(entry.main(parser(), command))

@@ -1,6 +1,6 @@
 """One trial core: tune an adapter on a mix and keep what it trained, under one key, for whoever needs it next.
 
-The train stage and a search trial train the same way (`train.tuner`), from the same mix file, and write the
+The train stage and a search trial train the same way (`tune.tuner`), from the same mix file, and write the
 same three things (`save`): the adapter, its loss curve and its tracked metrics. A search trial stores them in
 .cache/adapters/<key>, where the key names everything that computes them: the mix's sha256, the training and
 model config, the precision and the code (`lineage.fingerprint`, comments and docstrings aside). When
@@ -16,22 +16,23 @@ import json
 import shutil
 from pathlib import Path
 
-from mixtune import lineage
-from mixtune.files import atomic_dir, atomic_file, write_json
+from mixtune.plumbing import lineage
+from mixtune.plumbing.files import atomic_dir, atomic_file, write_json
 
 TRACKED = ("train_loss", "final_loss", "steps", "trained_tokens")  # train/metrics.json: no timings
+CODE = ("mixtune.core.trial", "mixtune.core.tune", "mixtune.stages.train")  # what trains and stores a trial
 LOSS_FIELDS = ["step", "loss", "learning_rate", "grad_norm"]  # train/loss.csv: tokens/s is a timing, MLflow's
 
 
 def key(train_cfg, model_cfg, mix_sha256: str, prec: str) -> str:
     blob = json.dumps({"train": train_cfg.model_dump(), "model": model_cfg.model_dump(), "mix": mix_sha256,
-                       "precision": prec, "code": lineage.fingerprint([__name__, "mixtune.train"])[:16]},
+                       "precision": prec, "code": lineage.fingerprint(list(CODE))[:16]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
-    from mixtune.tracking import repo_root
+    from mixtune.plumbing.tracking import repo_root
 
     return repo_root() / ".cache" / "adapters"
 
@@ -44,17 +45,17 @@ def cached(k: str) -> Path | None:
 
 def tracked(trainer, train_loss: float, log_rows: list[dict]) -> dict:
     """train/metrics.json's numbers: what was trained, no timings (a re-run that trains the same changes none)."""
-    from mixtune import train
+    from mixtune.core import tune
 
     return {"train_loss": train_loss, "final_loss": log_rows[-1]["loss"] if log_rows else None,
-            "steps": trainer.state.global_step, "trained_tokens": train.trained_tokens(trainer)}
+            "steps": trainer.state.global_step, "trained_tokens": tune.trained_tokens(trainer)}
 
 
 def save(model, tokenizer, metrics: dict, log_rows: list[dict], out: Path, meta: dict | None = None) -> None:
     """out/adapter, out/loss.csv, out/metrics.json (and out/meta.json: who trained it, for a cache entry)."""
-    from mixtune import train
+    from mixtune.core import tune
 
-    train.save_adapter(model, tokenizer, out / "adapter")
+    tune.save_adapter(model, tokenizer, out / "adapter")
     with atomic_file(out / "loss.csv") as f:
         w = csv.DictWriter(f, fieldnames=LOSS_FIELDS, extrasaction="ignore")
         w.writeheader()

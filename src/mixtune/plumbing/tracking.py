@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixtune.errors import MixtuneError, first_line
+from mixtune.plumbing.errors import MixtuneError, first_line
 
 _EXPS = f"{os.sep}.dvc{os.sep}tmp{os.sep}exps{os.sep}"
 # Tags that link runs to the files they wrote or read (find_run): the sha256 of an adapter (train and evaluate

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mixtune import lineage
-from mixtune import metrics as M
-from mixtune.config import MixConfig, StudyConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_file, read_jsonl, sha256_file, write_json
-from mixtune.tracking import repo_root, stage_run
+from mixtune.core import metrics as M
+from mixtune.plumbing import entry, lineage
+from mixtune.plumbing.config import MixConfig, StudyConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_file, read_jsonl, sha256_file, write_json
+from mixtune.plumbing.tracking import repo_root, stage_run
 
 # Keywords that say how a BIG-bench task is posed, not which skill it needs: they do not count for coverage.
 FORMAT_KEYWORDS = {"multiple choice", "zero-shot", "one-shot", "many-shot", "json", "example task",
@@ -71,7 +72,7 @@ def coverage(target_keywords: set[str], pool: list[dict]) -> dict:
 
 
 def prepare_target(cfg: StudyConfig, name: str, root: Path = Path("."), out: Path | None = None) -> dict:
-    from mixtune import prepare
+    from mixtune.stages import prepare
 
     target = _target(cfg, name)
     out = out or prepared_dir(name)
@@ -118,7 +119,7 @@ class _Runner:
     """What every cell of one target needs, loaded once: the base model's tokenizer, dev and test subsets."""
 
     def __init__(self, cfg: StudyConfig, target: str, prepared: Path):
-        from mixtune.model import load_tokenizer, precision, resolve_base
+        from mixtune.core.model import load_tokenizer, precision, resolve_base
 
         self.cfg, self.target, self.prepared = cfg, target, prepared
         self.base = resolve_base(cfg.model.base)
@@ -142,7 +143,7 @@ class _Runner:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def score(self, model) -> dict:
-        from mixtune.score import correct
+        from mixtune.core.score import correct
 
         out = {}
         for split, examples in (("dev", self.dev), ("test", self.test)):
@@ -170,12 +171,13 @@ class _Runner:
         return {**result, "cached": False}
 
     def _base(self) -> dict:
-        from mixtune.model import load_base
+        from mixtune.core.model import load_base
 
         return self.score(load_base(self.base))
 
     def _tuned(self, cell: dict) -> dict:
-        from mixtune import mix, train
+        from mixtune.core import tune
+        from mixtune.stages import mix
 
         train_cfg = self.cfg.train.model_copy(update={"seed": cell["seed"]})
         with tempfile.TemporaryDirectory(prefix="mixtune-cell-") as tmp:
@@ -183,14 +185,14 @@ class _Runner:
                                          seed=cell["seed"], corrupt_generalist=cell["corrupt"]),
                                self.prepared, Path(tmp) / "mix")
             # A cell is short: no checkpoints, an interrupted one is simply run again.
-            trainer = train.tuner(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
+            trainer = tune.tuner(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
                                   Path(tmp) / "checkpoints", self.prec, self.tokenizer)
             try:
                 trainer.train()
             except MixtuneError as e:
                 raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: {e}") from None
-            tokens = train.trained_tokens(trainer)
-            with train.scoring(trainer.model) as model:
+            tokens = tune.trained_tokens(trainer)
+            with tune.scoring(trainer.model) as model:
                 scores = self.score(model)
             return {**scores, "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
                     "generalist_size": manifest["generalist_size"], "corrupted": manifest["corrupted"],
@@ -280,3 +282,62 @@ def run_target(cfg: StudyConfig, target: str, size: int, prepared: Path | None =
                                                         for r in results]}
     write_json(out, doc)
     return doc
+
+
+# --- the stage's command (`python -m mixtune.stages.study`, `mixtune study prepare|screen|run`) --------------------
+
+
+def _prepare(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    cfg = load_section("study", args.study_params, keys=PREPARE_KEYS)
+    for target in [args.target] if args.target else list(cfg.targets):
+        stats = prepare_target(cfg, target)
+        c = stats["coverage"]
+        print(f"study prepare {target}: splits {stats['splits']}, pool {stats['generalist_pool']}, "
+              f"coverage {c['coverage']:.3f} ({c['tasks']} of {c['pool_tasks']} pool tasks)")
+
+
+def _screen(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    if not args.target:
+        raise MixtuneError("study screen: needs --target (one stage of study/dvc.yaml's matrix)")
+    doc = screen_target(load_section("study", args.study_params, keys=SCREEN_KEYS), args.target)
+    print(f"study screen {args.target}: {'kept' if doc['kept'] else 'dropped'}: {doc['why']}")
+
+
+def _run(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    if not args.target or not args.size:
+        raise MixtuneError("study run: needs --target and --size (one stage of study/dvc.yaml's matrix)")
+    doc = run_target(load_section("study", args.study_params, keys=RUN_KEYS), args.target, args.size)
+    if doc.get("dropped"):
+        print(f"study run {args.target} n={args.size}: dropped by its screen, nothing to run")
+        return
+    print(f"study run {args.target} n={args.size}: {len(doc['cells'])} cells in {results_path(args.target, args.size)}")
+
+
+def command(args) -> None:
+    args.func(args)
+
+
+def parser():
+    p = entry.parser("mixtune study", "the paper's experiments, as study/dvc.yaml runs them: prepare, screen and "
+                     "run here; `mixtune study report` writes reports/study.md (mixtune.stages.study_report)",
+                     params=False)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, func, help_ in (("prepare", _prepare, "a target's splits and generalist pool"),
+                                ("screen", _screen, "keep a target only if the model learns it"),
+                                ("run", _run, "every cell of one target and size")):
+        a = actions.add_parser(action, help=help_)
+        a.add_argument("--target", help="a key of study.targets (prepare: default all)")
+        a.add_argument("--size", type=int, help="a value of study.sizes (run)")
+        a.add_argument("--study-params", default="study/params.yaml", help="default: study/params.yaml")
+        a.set_defaults(func=func)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(entry.main(parser(), command))

@@ -23,18 +23,19 @@ import json
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
-from mixtune import lineage
-from mixtune import metrics as M
-from mixtune import score
-from mixtune.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
-from mixtune.model import load_tokenizer, precision, release_memory, resolve_base
-from mixtune.search_answer import log_summary, recommend, trial_rows, trials_csv
-from mixtune.search_storage import Claim, count, open_study, parent_run, share_of, trial_run
-from mixtune.tracking import Timer, repo_root, stage_run
+from mixtune.core import metrics as M
+from mixtune.core import score
+from mixtune.core.model import load_tokenizer, precision, release_memory, resolve_base
+from mixtune.core.search_answer import log_summary, recommend, trial_rows, trials_csv
+from mixtune.plumbing import entry, lineage
+from mixtune.plumbing.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
+from mixtune.plumbing.search_storage import Claim, count, open_study, parent_run, sampler, share_of, trial_run
+from mixtune.plumbing.tracking import Timer, repo_root, stage_run
 
 MIX_KEYS = ("specialist_size", "seed")  # of params.yaml's sections, the keys the search reads (dvc.yaml: the same)
 SCORE_KEYS = ("batch_size", "max_new_tokens", "bootstrap")
@@ -84,7 +85,7 @@ class _Trials:
     def base_probe(self, study) -> None:
         """The base model's answers to the probe, once per search: every trial's forgetting is against them."""
         if "base_probe" not in study.user_attrs and self.probe:
-            from mixtune.model import load_base
+            from mixtune.core.model import load_base
 
             study.set_user_attr("base_probe", _correct(self.probe, self.predict(load_base(self.base), self.probe)))
 
@@ -104,8 +105,9 @@ class _Trials:
     def _run(self, trial, share: float, folder: Path) -> float:
         import mlflow
 
-        from mixtune import mix, train
-        from mixtune import trial as core
+        from mixtune.core import trial as core
+        from mixtune.core import tune
+        from mixtune.stages import mix
 
         manifest = mix.run(MixConfig(specialist_size=self.size, generalist_share=share, seed=self.mix_cfg.seed,
                                      corrupt_generalist=0.0), self.prepared, folder / "mix")
@@ -119,7 +121,7 @@ class _Trials:
         if hit is None:
             model, stored = self._train(trial, share, folder, key, manifest)
         else:  # this mix, config and code trained before (another search, the benchmark's grid): not again
-            from mixtune.model import load_adapter, load_base
+            from mixtune.core.model import load_adapter, load_base
 
             stored, meta = hit, json.loads((hit / "meta.json").read_text())
             tokens = json.loads((hit / "metrics.json").read_text())["trained_tokens"]
@@ -130,7 +132,7 @@ class _Trials:
                 mlflow.log_metric("trained_tokens", tokens)
             print(f"search n={self.size}: trial {trial.number} r={share:.2f}: the adapter of trial {meta['trial']} of "
                   f"search {meta['search']} (same mix, config and code), not trained again", flush=True)
-        with train.scoring(model):  # a loaded adapter holds no bf16 copies: scoring() leaves it as it is
+        with tune.scoring(model):  # a loaded adapter holds no bf16 copies: scoring() leaves it as it is
             preds = self.predict(model, self.dev)
             probe = _correct(self.probe, self.predict(model, self.probe)) if self.probe else ""
         cmp = score.compare(self.scorer, {"trial": preds}, self.eval_cfg.bootstrap, self.cfg.seed)["trial"]
@@ -157,16 +159,16 @@ class _Trials:
         model, its cache folder). An interrupted trial is FAIL, never resumed: no checkpoints."""
         import mlflow
 
-        from mixtune import train
-        from mixtune import trial as core
+        from mixtune.core import trial as core
+        from mixtune.core import tune
 
         log_rows: list[dict] = []
-        trainer = train.tuner(self.train_cfg, self.base, read_jsonl(folder / "mix" / "train.jsonl"),
+        trainer = tune.tuner(self.train_cfg, self.base, read_jsonl(folder / "mix" / "train.jsonl"),
                               folder / "checkpoints", self.prec, self.tokenizer, timer=self.timer, log_rows=log_rows)
         try:
             result = trainer.train()
         finally:  # a failed trial's compute counts too
-            tokens = train.trained_tokens(trainer)
+            tokens = tune.trained_tokens(trainer)
             trial.set_user_attr("trained_tokens", tokens)
             with self.timer():
                 mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
@@ -258,39 +260,11 @@ def _optimize(study, objective: _Trials, cfg: SearchConfig, claim: Claim, n_grid
                 break
             # After the grid (enqueued), a Gaussian process over the curve so far proposes the next share. Seeded
             # by the trial's number: reproducible, and no two processes (or re-runs) draw the same share.
-            study.sampler = _sampler(seed=cfg.seed + len(study.get_trials(deepcopy=False)), n_startup_trials=n_grid)
+            study.sampler = sampler(seed=cfg.seed + len(study.get_trials(deepcopy=False)), n_startup_trials=n_grid)
             study.optimize(objective, n_trials=1, catch=(Exception,))
         finally:
             claim.release()
         _progress(study, objective, cfg.n_trials, time.monotonic() - start)
-
-
-SAME_SHARE = 0.01  # shares closer than this train nearly the same mix (one example apart at 64): not a new point
-
-
-def _sampler(**kw):
-    """Optuna's GPSampler, except that a share already measured (or being measured) is never proposed again:
-    with noisy scores the process may well pick an end of the range twice, but the curve needs new points, and
-    the answer reads one trial per share. Such a proposal becomes the middle of the widest gap between the
-    shares measured so far."""
-    import optuna
-    from optuna.trial import TrialState
-
-    class NewShares(optuna.samplers.GPSampler):
-        def sample_relative(self, study, trial, search_space):
-            params = super().sample_relative(study, trial, search_space)
-            share = params.get("generalist_share")
-            if share is None:
-                return params
-            low, high = search_space["generalist_share"].low, search_space["generalist_share"].high
-            taken = sorted({share_of(t) for t in study.get_trials(deepcopy=False, states=(
-                TrialState.COMPLETE, TrialState.RUNNING)) if share_of(t) is not None} | {low, high})
-            if min(abs(share - s) for s in taken) < SAME_SHARE:
-                a, b = max(zip(taken, taken[1:]), key=lambda gap: gap[1] - gap[0])
-                params["generalist_share"] = (a + b) / 2
-            return params
-
-    return NewShares(**kw)
 
 
 def _minutes(seconds: float) -> str:
@@ -343,3 +317,30 @@ def _write_outputs(summaries: dict[int, dict], size: int, rows: list[dict], task
             "specialist_dev", "best_trial_share", "best_trial_dev", "near_optimal_low", "near_optimal_high")
     write_json(out / "metrics.json", {**{k: best[k] for k in keys}, "trials": best["trials"]})
     return best
+
+
+# --- the stage's command (`python -m mixtune.stages.search`, `mixtune search`) -------------------------------------
+
+
+def command(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    r = run(load_section("search", args.params), load_section("mix", args.params, keys=MIX_KEYS),
+            load_section("train", args.params), load_section("model", args.params),
+            load_section("evaluate", args.params, keys=SCORE_KEYS), worker=args.worker)
+    if args.worker:
+        for study, trials in r["trials"].items():
+            print(f"search --worker: study {study}: ran trials {trials}")
+    else:
+        print("\n".join(f"search: {a}" for a in r["answers"]))
+
+
+def parser():
+    p = entry.parser("mixtune search", "search the generalist share with Optuna (dev split), one search per size")
+    p.add_argument("--worker", action="store_true",
+                   help="only run trials of the shared search (search.storage); write no outputs")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(entry.main(parser(), command))

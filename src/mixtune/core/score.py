@@ -16,8 +16,8 @@ import contextlib
 
 import numpy as np
 
-from mixtune import metrics as M
-from mixtune.model import release_memory
+from mixtune.core import metrics as M
+from mixtune.core.model import release_memory
 
 METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l")
 _PER_EXAMPLE = {"accuracy": M.exact_match, "exact_match": M.exact_match, "token_f1": M.token_f1,
@@ -36,7 +36,7 @@ def precision() -> str:
     bf16 (fp16 without it): not measured here."""
     import torch
 
-    from mixtune.model import precision as hardware
+    from mixtune.core.model import precision as hardware
 
     return hardware("auto") if torch.cuda.is_available() else "fp32"
 
@@ -227,7 +227,7 @@ def metric_name(setting: str, examples: list[dict]) -> str:
     if setting == "auto":
         return {"classification": "macro_f1", "multiple_choice": "accuracy", "generation": "rouge_l"}[kind]
     if setting in ("accuracy", "macro_f1") and kind == "generation":
-        from mixtune.errors import MixtuneError
+        from mixtune.plumbing.errors import MixtuneError
 
         raise MixtuneError(f"search.metric={setting}: needs options (classification or multiple choice); "
                            "these examples are generative (use exact_match, token_f1 or rouge_l)")

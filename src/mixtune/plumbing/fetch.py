@@ -17,8 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_dir, sha256_file, write_jsonl
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_dir, sha256_file, write_jsonl
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from mixtune.tracking import EXPERIMENT_KIND as KIND
-from mixtune.tracking import tracking_uri
+from mixtune.plumbing.tracking import EXPERIMENT_KIND as KIND
+from mixtune.plumbing.tracking import tracking_uri
 
 
 def links(base: str) -> list[str]:

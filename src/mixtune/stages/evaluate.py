@@ -17,17 +17,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mixtune import lineage, score
-from mixtune.config import EvaluateConfig, ModelConfig
-from mixtune.errors import MixtuneError
-from mixtune.files import atomic_file, dumps, read_jsonl, sha256_file, write_json, write_jsonl
-from mixtune.model import adapter_file, load_adapter, load_base, load_tokenizer, require_adapter, resolve_base
-from mixtune.tracking import ADAPTER_TAG, PREDICTIONS_TAG, Timer, find_run, log_dataset, mix_label, repo_root, stage_run
+from mixtune.core import score
+from mixtune.core.model import (
+    adapter_file,
+    load_adapter,
+    load_base,
+    load_tokenizer,
+    require_adapter,
+    resolve_base,
+)
+from mixtune.plumbing import entry, lineage
+from mixtune.plumbing.config import EvaluateConfig, ModelConfig
+from mixtune.plumbing.errors import MixtuneError
+from mixtune.plumbing.files import atomic_file, dumps, read_jsonl, sha256_file, write_json, write_jsonl
+from mixtune.plumbing.tracking import (
+    ADAPTER_TAG,
+    PREDICTIONS_TAG,
+    Timer,
+    find_run,
+    log_dataset,
+    mix_label,
+    repo_root,
+    stage_run,
+)
 
 SYSTEMS = ("tuned", "base", "specialist")
 
@@ -41,7 +59,7 @@ def _read(path: Path, stage: str) -> dict:
 def _answer_key(model: dict, examples: list[dict], cfg) -> str:
     blob = json.dumps({"model": model, "examples": hashlib.sha256("\n".join(map(dumps, examples)).encode()).hexdigest(),
                        "score": {k: getattr(cfg, k) for k in ("batch_size", "max_new_tokens")},
-                       "code": lineage.fingerprint(["mixtune.score", "mixtune.model"])[:16]}, sort_keys=True)
+                       "code": lineage.fingerprint(["mixtune.core.score", "mixtune.core.model"])[:16]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -183,3 +201,32 @@ def _confusion_figure(rows: list[dict]):
     ax.set_ylabel("actual")
     fig.tight_layout()
     return fig
+
+
+# --- the stage's command (`python -m mixtune.stages.evaluate`, `mixtune evaluate`) ---------------------------------
+
+
+def command(args) -> None:
+    from mixtune.plumbing.config import load_section
+
+    r = run(load_section("evaluate", args.params), load_section("model", args.params),
+            load_section("search", args.params, keys=("metric",)).metric)
+    c, key = r["comparison"], r["details"]["metric"]
+
+    def show(x):
+        return f"{x['value']:.3f} [{x['low']:.3f}, {x['high']:.3f}]"
+
+    print(f"evaluate ({r['details']['split']}, n={r['n']}, share {r['share']:.2f}): {key} tuned {show(c['tuned'])}, "
+          f"base {show(c['base'])}, pure specialist {show(c['specialist'])}")
+    if "forgetting" in r:
+        f = r["forgetting"]
+        print(f"evaluate: held-out generalist accuracy lost against the base model ({f['probe_n']} questions): "
+              f"tuned {show(f['tuned'])}, pure specialist {show(f['specialist'])}")
+
+
+def parser():
+    return entry.parser("mixtune evaluate", "score the adapter and the base model on the specialist split")
+
+
+if __name__ == "__main__":
+    sys.exit(entry.main(parser(), command))
