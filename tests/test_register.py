@@ -298,6 +298,9 @@ def test_the_champion_takes_raw_records_and_answers_as_evaluate_did(registered, 
                                                {"type": "string", "name": "task", "required": False}]
     model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     example = json.loads((model_dir / "serving_input_example.json").read_text())
+    # it carries the whole package it was evaluated with, not one folder of it
+    carried = {str(f.relative_to(model_dir / "code" / "mixtune")) for f in (model_dir / "code" / "mixtune").rglob("*.py")}
+    assert {"core/serve.py", "core/score.py", "core/sources.py", "plumbing/files.py", "cli.py"} <= carried
     assert example["dataframe_split"]["data"] == [[read_jsonl(registered / sp.SOURCE["path"])[0]["text"]]]
     v = client().get_model_version(NAME, "1")
     assert v.run_id == versions()["1"]["mixtune.register_run_id"] and v.tags["mixtune.served_sha256"]

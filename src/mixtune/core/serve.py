@@ -157,4 +157,5 @@ def log_model(adapter: Path, recipe: dict):
         return mlflow.pyfunc.log_model(
             name=ARTIFACT, python_model=TaskModel(), artifacts={"adapter": str(adapter), "recipe": f"{tmp}/recipe.json"},
             signature=signature(recipe), input_example=input_example(recipe), pip_requirements=reqs,
-            code_paths=[str(Path(__file__).parent)])  # the model carries the code it was evaluated with
+            # the model carries the package (src/mixtune, all of it) it was evaluated with
+            code_paths=[str(Path(__file__).resolve().parents[1])])
