@@ -392,7 +392,7 @@ def test_edited_code_starts_a_new_search_a_comment_or_an_unchanged_rerun_runs_no
     assert _studies(project) == {first: 2}
     assert search_in_copy() == first and _studies(project) == {first: 2}  # unchanged: nothing runs again
     search_py = src / "mixtune" / "stages" / "search.py"
-    search_py.write_text(search_py.read_text().replace("\ndef grid(", "\n# why: a comment\ndef grid(", 1))
+    search_py.write_text(search_py.read_text().replace("\ndef run(", "\n# why: a comment\ndef run(", 1))
     assert search_in_copy() == first and _studies(project) == {first: 2}  # a comment: nothing runs again
 
     score_py = src / "mixtune" / "core" / "score.py"
@@ -552,3 +552,41 @@ def test_the_pure_specialist_scoring_best_is_said_plainly():
     assert r["best_trial_share"] == 0.0 and r["recommended_share"] == 0.0 and r["near_optimal"] == [0.0]
     assert r["answer"].startswith(f"For {sp.TASK} at 64 examples, generalist data does not help here: use r=0, the "
                                   "pure specialist, which scores best. Best measured share r=0.00 (dev accuracy 0.750;")
+
+
+# --- the time left, in the progress line ---------------------------------------------------------------------
+
+
+def test_time_left_counts_that_a_share_costs_more_the_higher_it_is():
+    """After the pure specialist alone (193 s for 27,519 tokens, 64 task examples), the grid's five other shares
+    hold 14, 36, 75, 165 and 576 generalist examples: a generalist example taken as long as a task example,
+    a trial costs 193 x (1 + n_g / 64) s, 3,576.5 s in all; the old estimate (the mean trial so far times the
+    trials left) said 965 s. The fresh clone's make run then took 3,319 s for them."""
+    from mixtune.plumbing.search_storage import time_left
+
+    assert time_left([(0, 27519, 193.0)], [14, 36, 75, 165, 576], 0, 64) == pytest.approx(193 * (5 + 866 / 64))
+    # two trials fit both lines: tokens = 1000 + 20 n_g, seconds = 10 + 0.01 x tokens; one grid share (n_g 50:
+    # 2,000 tokens, 30 s) and one Gaussian-process trial at the grid's mean cost
+    assert time_left([(0, 1000, 20.0), (100, 3000, 40.0)], [50], 1, 10) == pytest.approx(60.0)
+    # a line with a negative intercept (noisy timings) is not trusted: all of the time per token
+    assert time_left([(0, 1000, 5.0), (100, 3000, 40.0)], [50], 0, 10) == pytest.approx(2000 * 45 / 4000)
+
+
+def test_the_progress_line_estimates_the_rest_from_the_grid_it_still_has_to_run(project):
+    """The progress line after the first trial says what `time_left` makes of that trial's recorded time and
+    tokens for the grid's two other shares (10 and 48 generalist examples at 16 task examples); the last line,
+    nothing left."""
+    import re
+
+    from mixtune.plumbing.search_storage import minutes, time_left
+
+    proc = sp.mixtune(project, "search")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    lines = [line for line in out.splitlines() if "trials done" in line]
+    assert len(lines) == 3, out
+    t0 = sp.study(project).trials[0]
+    seconds = (t0.datetime_complete - t0.datetime_start).total_seconds()
+    expected = minutes(time_left([(0, t0.user_attrs["trained_tokens"], seconds)], [10, 48], 0, 16))
+    assert re.search(rf"trial 0 r=0\.00: dev .*; 1 of 3 trials done, \d+m\d\ds elapsed, about {expected} left$", lines[0])
+    assert lines[-1].endswith("about 0m00s left") and "3 of 3 trials done" in lines[-1]

@@ -256,3 +256,35 @@ def sampler(**kw):
             return params
 
     return NewShares(**kw)
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def time_left(trained: list[tuple[int, int, float]], grid_left: list[int], extra: int, size: int) -> float:
+    """Seconds the search's remaining trials will take, from the trials this process trained, each (generalist
+    examples, training tokens, seconds). A trial costs about a + b x its tokens (scoring is the same at every
+    share, training grows as 1/(1-r): r=0.9 trains ten times the pure specialist's tokens), and a share's tokens
+    are about t0 + g x its generalist examples; both lines are fitted on the trials so far (before a trial with
+    generalist data, a generalist example counts as long as a task example). `grid_left`: the generalist counts
+    of the grid's shares still to come; `extra` trials at shares not chosen yet cost the mean of the grid's."""
+    import numpy as np
+
+    n_g, tokens, seconds = (np.array(c, dtype=float) for c in zip(*trained))
+    if len(set(n_g)) > 1:
+        g, t0 = np.polyfit(n_g, tokens, 1)
+    else:
+        g = tokens.mean() / (size + n_g.mean())
+        t0 = g * size
+    b, a = np.polyfit(tokens, seconds, 1) if len(set(tokens)) > 1 else (0.0, 0.0)
+    if b <= 0 or a < 0:  # too few or too noisy trials for a line: all of it per token
+        b, a = seconds.sum() / tokens.sum(), 0.0
+    cost = [a + b * (t0 + g * n) for n in (grid_left or list(n_g))]
+    return float(sum(cost[:len(grid_left)]) + extra * np.mean(cost))
+
+
+def grid(cfg) -> list[float]:
+    """The first trials: `cfg.grid` shares evenly spaced over [0, max_share], the pure specialist first."""
+    n = cfg.grid
+    return [round(cfg.max_share * i / (n - 1), 4) for i in range(n)] if n > 1 else [0.0]

@@ -5,8 +5,8 @@ A trial is the pipeline in small, mix -> train -> dev score (+ the forgetting pr
 under the search's run. Every trial runs to the end: a share is answered or not tried. The first `search.grid`
 trials are shares evenly spaced over the range, the pure specialist first; later ones (up to `n_trials`) come
 from Optuna's GPSampler, a Gaussian process fitted to the curve so far, which suits a 1-D, 6-20 trial search.
-Each trial's adapter goes to the trial cache (mixtune.trial), where the train stage finds it when the search's
-recommendation is a share a trial trained. The answer (search_answer.py): the near-optimal range and one share
+Each trial's adapter goes to the trial cache (mixtune.core.trial), where the train stage finds it when the search's
+recommendation is a share a trial trained. The answer (core/search_answer.py): the near-optimal range and one share
 in it.
 
 The Optuna storage is search/optuna.journal, in the repository but not a DVC output, so a re-run continues the
@@ -34,17 +34,12 @@ from mixtune.plumbing import entry, lineage
 from mixtune.plumbing.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
 from mixtune.plumbing.errors import MixtuneError
 from mixtune.plumbing.files import atomic_dir, atomic_file, read_jsonl, sha256_file, write_json
-from mixtune.plumbing.search_storage import Claim, count, open_study, parent_run, sampler, share_of, trial_run
+from mixtune.plumbing.search_storage import SAME_SHARE, Claim, count, grid, minutes, open_study, parent_run
+from mixtune.plumbing.search_storage import sampler, share_of, time_left, trial_run
 from mixtune.plumbing.tracking import Timer, repo_root, stage_run
 
 MIX_KEYS = ("specialist_size", "seed")  # of params.yaml's sections, the keys the search reads (dvc.yaml: the same)
 SCORE_KEYS = ("batch_size", "max_new_tokens", "bootstrap")
-
-
-def grid(cfg: SearchConfig) -> list[float]:
-    """The first trials: `cfg.grid` shares evenly spaced over [0, max_share], the pure specialist first."""
-    n = cfg.grid
-    return [round(cfg.max_share * i / (n - 1), 4) for i in range(n)] if n > 1 else [0.0]
 
 
 def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_cfg: ModelConfig, score_cfg,
@@ -78,6 +73,7 @@ class _Trials:
         self.prec = precision(train_cfg.precision)
         self.scorer = score.Scorer(dev, metric)
         self.numbers: list[int] = []  # the trials this process ran
+        self.trained: list[int] = []  # of them, those it trained (not taken from the cache): what a trial costs
 
     def predict(self, model, examples: list[dict]) -> list[str]:
         return score.predict(model, self.tokenizer, examples, self.eval_cfg)
@@ -163,6 +159,7 @@ class _Trials:
         from mixtune.core import tune
 
         log_rows: list[dict] = []
+        self.trained.append(trial.number)
         trainer = tune.tuner(self.train_cfg, self.base, read_jsonl(folder / "mix" / "train.jsonl"),
                               folder / "checkpoints", self.prec, self.tokenizer, timer=self.timer, log_rows=log_rows)
         try:
@@ -264,30 +261,36 @@ def _optimize(study, objective: _Trials, cfg: SearchConfig, claim: Claim, n_grid
             study.optimize(objective, n_trials=1, catch=(Exception,))
         finally:
             claim.release()
-        _progress(study, objective, cfg.n_trials, time.monotonic() - start)
+        _progress(study, objective, cfg, time.monotonic() - start)
 
 
-def _minutes(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-def _progress(study, objective: _Trials, n_trials: int, elapsed: float) -> None:
-    """One line a person can follow per trial: its share, its dev score or fate, and the time left, estimated
-    from this process's trials so far."""
+def _progress(study, objective: _Trials, cfg: SearchConfig, elapsed: float) -> None:
+    """One line a person can follow per trial: its share, its dev score or fate, and the time left, from what
+    the trials this process trained cost (`search_storage.time_left`: the top of the range costs the most)."""
     from optuna.trial import TrialState
+
+    from mixtune.stages.mix import generalist_count
 
     if not objective.numbers:
         return
-    t = study.get_trials(deepcopy=False)[objective.numbers[-1]]
+    trials = study.get_trials(deepcopy=False)
+    t = trials[objective.numbers[-1]]
     done = count(study, (TrialState.COMPLETE,))
     if t.state == TrialState.COMPLETE:
         a = t.user_attrs
         fate = f"dev {objective.metric} {a['dev_metric']:.3f} [{a['dev_low']:.3f}, {a['dev_high']:.3f}]"
     else:
         fate = "failed (see its MLflow run)"
-    left = elapsed / len(objective.numbers) * max(n_trials - done, 0)
-    print(f"search n={objective.size}: trial {t.number} r={share_of(t):.2f}: {fate}; {done} of {n_trials} trials done, "
-          f"{_minutes(elapsed)} elapsed, about {_minutes(left)} left", flush=True)
+    trained = [(generalist_count(objective.size, share_of(x)), x.user_attrs["trained_tokens"],
+                (x.datetime_complete - x.datetime_start).total_seconds())
+               for x in (trials[n] for n in objective.trained) if x.state == TrialState.COMPLETE]
+    measured = {share_of(x) for x in trials if x.state in (TrialState.COMPLETE, TrialState.RUNNING)}
+    grid_left = [r for r in grid(cfg) if all(abs(r - m) >= SAME_SHARE for m in measured)]
+    left = max(cfg.n_trials - done, 0)
+    estimate = time_left(trained, [generalist_count(objective.size, r) for r in grid_left][:left],
+                         max(left - len(grid_left), 0), objective.size) if trained and left else 0.0
+    print(f"search n={objective.size}: trial {t.number} r={share_of(t):.2f}: {fate}; {done} of {cfg.n_trials} trials "
+          f"done, {minutes(elapsed)} elapsed, about {minutes(estimate)} left", flush=True)
 
 
 def _write_outputs(summaries: dict[int, dict], size: int, rows: list[dict], tasks: list[str], out: Path) -> dict:
