@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # No model hub on the default path: everything comes from PyPI packages.
-# dvc runs `mixtune` from the venv without activating it.
+# dvc runs `python -m mixtune.stages.<name>` from the venv without activating it.
 export PATH := $(abspath $(BIN)):$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

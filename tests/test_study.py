@@ -389,12 +389,15 @@ def test_report_numbers_all_come_from_the_results(tmp_path, tiny_model, monkeypa
            ["a (reasoning)", "a_uncovered (reasoning)", "b (understanding)"]
     assert "| z | knowledge | 0.500 | 0.500 | +0.000 [-0.125, +0.125] | dropped |" in text
     assert "| a | reasoning | 0.250 | 0.500 | +0.250 [+0.125, +0.375] | kept |" in text
-    # a at 4 examples goes from 10/40 right (share 0) to 30/40 (share 0.5); b's searched share is the dev
-    # fit's best, 0.5 (its scores rise linearly with the share).
+    # a at 4 examples goes from 10/40 right (share 0) to 30/40 (share 0.5). The searched share is the search's
+    # own choice on dev (search_answer.choose): the smallest share within noise of the best. b at 8 scores 10,
+    # 12 and 15 of 40 at shares 0, 0.25 and 0.5 (the first k right): 0.25 is 3 examples short of 0.5, and a
+    # resample draws none of those 3 about 4.4% of the time ((37/40)^40), so its paired interval reaches 0;
+    # share 0 (5 short: 0.5%) does not. a at 4 (0.25 is 10 short) searches 0.5.
     a4 = rows[("a", 4)]
     assert (a4["base"]["value"], a4["specialist"]["value"], a4["fixed"]["value"]) == (0.25, 0.25, 0.75)
     assert a4["gain_fixed"]["value"] == 0.5 and 0.3 < a4["gain_fixed"]["low"] < 0.5 < a4["gain_fixed"]["high"]
-    assert rows[("b", 8)]["searched_share"] == 0.5
+    assert rows[("b", 8)]["searched_share"] == 0.25 and rows[("a", 4)]["searched_share"] == 0.5
     assert f"| a | 4 | 0.250 | {study_render._iv(a4['specialist'])} | {study_render._iv(a4['fixed'])} |" in text
     claims = agg["claims"]
     # a gains (0.5 + 0.25) / 2 = 0.375 on average, a_uncovered (0.125 + 0.05) / 2 = 0.0875 (15 and 12 of 40

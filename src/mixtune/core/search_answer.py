@@ -60,6 +60,27 @@ def _interval(x: np.ndarray) -> tuple[float, float]:
     return M.interval(x)
 
 
+def choose(shares: np.ndarray, values: np.ndarray, boot: np.ndarray, forgetting: list, rule: str,
+           max_forgetting: float | None) -> tuple[int, list[int], int | None, float | None]:
+    """The choice itself, on a curve measured any way (a search's trials, the study's cells): `values` each
+    share's score, `boot` (resamples, shares) on paired resamples, `forgetting` each share's (or None). ->
+    (best, the near-optimal range, the recommended share or None when none in the range keeps within
+    max_forgetting, the smallest share within max_forgetting), as indices but the last."""
+    best = int(np.argmax(values))  # a tie goes to the smaller share (argmax takes the first)
+    diff = boot - boot[:, [best]]  # each share against the best, paired
+    near = [i for i in range(len(shares)) if i == best or _interval(diff[:, i])[1] >= 0]
+    allowed, within = near, None
+    if max_forgetting is not None:
+        ok = [i for i in range(len(shares)) if forgetting[i] is not None and forgetting[i] <= max_forgetting]
+        within = float(shares[ok[0]]) if ok else None
+        allowed = [i for i in near if i in ok]
+    if rule == "least_forgetting" and all(forgetting[i] is not None for i in allowed):
+        pick = min(allowed, key=lambda i: (forgetting[i], shares[i])) if allowed else None
+    else:
+        pick = min(allowed, key=lambda i: shares[i]) if allowed else None
+    return best, near, pick, within
+
+
 def recommend(study, scorer, cfg, resamples: int) -> dict:
     """One recommended share for one search (one specialist size), the curve and range behind it, its dev
     gain over the pure specialist (paired) and its forgetting."""
@@ -76,20 +97,8 @@ def recommend(study, scorer, cfg, resamples: int) -> dict:
     values, boot = curve(done, scorer, resamples, cfg.seed)
     base_probe = study.user_attrs.get("base_probe")
     forgetting = [forgetting_of(t, base_probe) for t in done]
-    best = int(np.argmax(values))  # a tie goes to the smaller share (argmax takes the first)
-    diff = boot - boot[:, [best]]  # each share against the best, paired
-    near = [i for i in range(len(done)) if i == best or _interval(diff[:, i])[1] >= 0]
+    best, near, pick, within = choose(shares, values, boot, forgetting, cfg.recommend, cfg.max_forgetting)
     best_share_low, best_share_high = _interval(shares[np.argmax(boot, axis=1)])
-    allowed = near
-    within = None
-    if cfg.max_forgetting is not None:
-        ok = [i for i in range(len(done)) if forgetting[i] is not None and forgetting[i] <= cfg.max_forgetting]
-        within = float(shares[ok[0]]) if ok else None
-        allowed = [i for i in near if i in ok]
-    if cfg.recommend == "least_forgetting" and all(forgetting[i] is not None for i in allowed):
-        pick = min(allowed, key=lambda i: (forgetting[i], shares[i])) if allowed else None
-    else:
-        pick = min(allowed, key=lambda i: shares[i]) if allowed else None
     rec = pick if pick is not None else 0
     gain = boot[:, rec] - boot[:, 0]
     g_low, g_high = _interval(gain)

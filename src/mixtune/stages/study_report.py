@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mixtune.core import metrics as M
+from mixtune.core.search_answer import choose
 from mixtune.core.study_render import CONDITIONS, csv_text, figures, render, tables
 from mixtune.plumbing import entry
 from mixtune.plumbing.config import StudyConfig
@@ -57,10 +58,12 @@ def _cell_summary(cfg: StudyConfig, doc: dict, resamples: int) -> tuple[dict, di
         return np.stack([_matrix([c for c in clean if c["share"] == s], split) for s in shares])
 
     test, dev = by_share("test"), by_share("dev")
-    # The searched share: the mixing law fitted on DEV picks it; the nearest share run is scored on test.
+    # The searched share: the search's own choice (search_answer.choose, search.recommend's default rule) on the
+    # DEV curve of the shares run, its band paired over seeds and examples; that share is scored on test.
     dev_fit = M.fit_share(shares, dev, max(shares), resamples, seed)
-    chosen = dev_fit["share"] if dev_fit else shares[int(np.argmax(dev.mean(axis=(1, 2))))]
-    searched = min(shares, key=lambda s: (abs(s - chosen), s))
+    _, _, pick, _ = choose(np.array(shares), dev.mean(axis=(1, 2)), M.resample_means(dev, resamples, seed + 2),
+                           [None] * len(shares), "fewest_tokens", None)
+    searched = shares[pick]
     idx = {"specialist": shares.index(0.0), "fixed": shares.index(cfg.fixed_share),
            "searched": shares.index(searched)}
     boot = M.resample_means(test, resamples, seed)
