@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import sys
-import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,9 @@ from mixtune.core.schema import make_example
 from mixtune.plumbing.files import dumps
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_ARCHIVE = REPO / "data" / "generalist" / "bigbench-1.0.0.tar.gz"
+REAL_POOL = REPO / "data" / "generalist" / "evals-3.0.1.post1-py3-none-any.whl"
 REAL_BBC = REPO / "data" / "specialist" / "bbc_news.jsonl"
 REAL_MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
-TASKS_DIR = "/bigbench/benchmark_tasks/"
 N_TASKS = 5
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "fi", "he", "ba", "xo"]
@@ -188,31 +186,30 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def bigbench_subset(tmp_path_factory) -> tuple[Path, list[str]]:
-    """A small real BIG-bench sdist: the first task.json members (under 1 MB) of the real archive, streamed,
-    with their member paths and their parents' task.json (subtasks inherit keywords), stopping after N_TASKS."""
-    if not REAL_ARCHIVE.is_file():
-        pytest.skip(f"{REAL_ARCHIVE} is absent: run `mixtune fetch` (or `make fetch`) first")
-    out = tmp_path_factory.mktemp("bigbench") / "bigbench-1.0.0.tar.gz"
+def evals_subset(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A small real OpenAI Evals wheel: its first samples files (by name, under 1 MB) until N_TASKS tasks with
+    questions are in, at least one of them multiple choice over a closed answer set (the forgetting probe's)."""
+    from mixtune.core import evals
+
+    if not REAL_POOL.is_file():
+        pytest.skip(f"{REAL_POOL} is absent: run `mixtune fetch` (or `make fetch`) first")
+    out = tmp_path_factory.mktemp("evals") / REAL_POOL.name
     tasks: list[str] = []
-    with tarfile.open(REAL_ARCHIVE, "r|gz") as src, tarfile.open(out, "w:gz") as dst:
-        for m in src:
-            if not (m.isfile() and m.name.endswith("/task.json") and TASKS_DIR in m.name):
+    closed = 0
+    with zipfile.ZipFile(REAL_POOL) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in sorted(src.infolist(), key=lambda i: i.filename):
+            name = info.filename
+            if not (name.startswith(evals.DATA_DIR) and name.endswith(".jsonl")) or info.file_size > 1_000_000:
                 continue
-            name = m.name.split(TASKS_DIR, 1)[1].rsplit("/task.json", 1)[0]
-            if m.size > 1_000_000:
+            if len(tasks) >= N_TASKS and closed:
+                break
+            data = src.read(name)
+            answers = [got[1] for got in map(evals.parse, (json.loads(ln) for ln in evals.lines(data)))
+                       if got]
+            if not answers or (len(tasks) >= N_TASKS - 1 and not closed and not evals.closed_set(answers[:100])):
                 continue
-            data = src.extractfile(m).read()
-            has_examples = bool(json.loads(data).get("examples"))
-            is_parent_of_kept = any(t.startswith(name + "/") for t in tasks)
-            if len(tasks) >= N_TASKS:  # full: only the last family's parent (it follows its subtasks) may follow
-                if name.split("/")[0] != tasks[-1].split("/")[0]:
-                    break
-                if not is_parent_of_kept:
-                    continue
-            if has_examples or is_parent_of_kept:
-                dst.addfile(m, io.BytesIO(data))
-                if has_examples:
-                    tasks.append(name)
-    assert len(tasks) == N_TASKS
+            dst.writestr(info, data)
+            tasks.append(name[len(evals.DATA_DIR):-len(".jsonl")])
+            closed += bool(evals.closed_set(answers[:100]))
+    assert len(tasks) == N_TASKS and closed
     return out, tasks

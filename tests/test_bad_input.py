@@ -314,17 +314,17 @@ def test_unknown_key_is_a_typo(tmp_path, cli):
 
 
 def test_checksum_mismatch_on_a_cached_download(tmp_path):
-    asset = fetch.Asset("bigbench==1.0.0", "bigbench-1.0.0.tar.gz", fetch.BIGBENCH.sha256)
+    asset = fetch.Asset("evals==3.0.1.post1", "evals-3.0.1.post1-py3-none-any.whl", fetch.EVALS.sha256)
     cached = tmp_path / "cache" / asset.filename
     cached.parent.mkdir()
     cached.write_bytes(b"these are not the bytes you are looking for")
     with pytest.raises(MixtuneError) as info:
         fetch.download(asset, tmp_path / "cache")  # a cached file is verified, never trusted (and no pip runs)
     msg = str(info.value)
-    assert str(cached) in msg and "sha256" in msg and fetch.BIGBENCH.sha256 in msg and sha256_file(cached) in msg
+    assert str(cached) in msg and "sha256" in msg and fetch.EVALS.sha256 in msg and sha256_file(cached) in msg
     assert "\n" not in msg
     with pytest.raises(MixtuneError, match=re.escape(f"{cached}: sha256 mismatch")):
-        fetch.verify(cached, fetch.BIGBENCH.sha256)
+        fetch.verify(cached, fetch.EVALS.sha256)
 
 
 # --- mix ------------------------------------------------------------------------------------------------------------

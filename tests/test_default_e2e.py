@@ -17,15 +17,15 @@ pytestmark = pytest.mark.e2e
 N_TEST = 40  # test examples evaluate scores
 
 
-def test_default_pipeline_answers_trains_evaluates_and_registers(tmp_path, bigbench_subset):
+def test_default_pipeline_answers_trains_evaluates_and_registers(tmp_path, evals_subset):
     if not (REAL_MODEL / "model.safetensors").is_file() or not REAL_BBC.is_file():
         pytest.skip("the default assets are absent: run `make fetch` first")
-    archive, _ = bigbench_subset
+    archive, _ = evals_subset
     repo = tmp_path / "repo"
     (repo / "data" / "specialist").mkdir(parents=True)
     (repo / "data" / "generalist").mkdir(parents=True)
     shutil.copy(REAL_BBC, repo / "data" / "specialist" / "bbc_news.jsonl")
-    shutil.copy(archive, repo / "data" / "generalist" / "bigbench-1.0.0.tar.gz")
+    shutil.copy(archive, repo / "data" / "generalist" / archive.name)
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(REPO / "src" / "mixtune", repo / "src" / "mixtune", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())

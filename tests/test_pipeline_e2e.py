@@ -1,4 +1,4 @@
-"""End to end: `dvc repro` of the data stages on real data (BBC News and a real BIG-bench subset), and a
+"""End to end: `dvc repro` of the data stages on real data (BBC News and a real OpenAI Evals subset), and a
 `mixtune --help` that imports nothing heavy."""
 
 from __future__ import annotations
@@ -8,11 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import N_TASKS, REAL_BBC, REPO
+from conftest import REAL_BBC, REPO
+
+from mixtune.core import evals
 
 BIN = Path(sys.executable).parent
 DATA_STAGES = ("prepare", "mix")
@@ -38,10 +41,10 @@ def count_lines(path: Path) -> int:
 
 
 @pytest.mark.e2e
-def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
+def test_dvc_repro_data_stages(tmp_path, evals_subset):
     if not REAL_BBC.is_file():
         pytest.skip(f"{REAL_BBC} is absent: run `mixtune fetch` (or `make fetch`) first")
-    archive, tasks = bigbench_subset
+    archive, tasks = evals_subset
     repo = tmp_path / "repo"
     (repo / "data" / "generalist").mkdir(parents=True)
     (repo / "data" / "specialist").mkdir()
@@ -71,7 +74,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
                 "labels": ["business", "entertainment", "politics", "sport", "tech"],
                 "instruction": "What is the topic of this BBC News article?", "max_input_words": 60,
                 "keywords": ["text classification", "topic classification"]}],
-            "generalist": [{"name": "bigbench", "kind": "bigbench", "path": f"data/generalist/{archive.name}",
+            "generalist": [{"name": "evals", "kind": "evals", "path": f"data/generalist/{archive.name}",
                             "max_per_task": 40}],
         },
         "mix": {"specialist_size": 200, "generalist_share": 0.0, "seed": 0, "corrupt_generalist": 0.0},
@@ -95,8 +98,12 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     assert stats["splits"] == {"train": 1686, "dev": 211, "test": 211}
     for name, n in stats["splits"].items():
         assert count_lines(repo / "prepared" / "specialist" / f"{name}.jsonl") == n
-    gen = stats["generalist"]["bigbench"]
-    assert 0 < gen["read"] <= 40 * N_TASKS and gen["target_task_removed"] == 0
+    gen = stats["generalist"]["evals"]
+    # every sampled record (40 per task at most) is an example or counted as left out
+    with zipfile.ZipFile(archive) as zf:
+        sampled = sum(min(40, len(evals.lines(zf.read(f"{evals.DATA_DIR}{t}.jsonl")))) for t in tasks)
+    assert gen["read"] > 0 and gen["read"] + gen.get("other_format_removed", 0) == sampled
+    assert gen["target_task_removed"] == 0
     assert stats["generalist_pool"] == (gen["read"] - gen["too_long_removed"] - stats["generalist_duplicates_removed"]
                                         - stats["decontaminated"] - stats["generalist_probe"])
     assert count_lines(repo / "prepared" / "generalist.jsonl") == stats["generalist_pool"]
@@ -120,7 +127,7 @@ def test_dvc_repro_data_stages(tmp_path, bigbench_subset):
     assert "Stage 'prepare' didn't change, skipping" in second
     assert "Running stage 'mix'" in second and "Running stage 'prepare'" not in second
     manifest = json.loads((repo / "mix" / "manifest.json").read_text())
-    assert manifest["total"] == 250 and manifest["by_source"] == {"bbc_news": 200, "bigbench": 50}
+    assert manifest["total"] == 250 and manifest["by_source"] == {"bbc_news": 200, "evals": 50}
     assert "up to date" in sh(repo, str(BIN / "dvc"), "status")
 
     # auto: the share the search recommends (search/best.json), recorded as such.

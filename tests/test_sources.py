@@ -1,4 +1,4 @@
-"""Every source kind (file, hf, bigbench) and format (alpaca, messages, prompt_completion, classification)
+"""Every source kind (file, hf, bigbench, evals) and format (alpaca, messages, prompt_completion, classification)
 on files the tests write, checked against the exact normalized examples."""
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ def test_bigbench_max_per_task_is_a_seeded_cap(tmp_path, bigbench_archive):
 
 
 def test_bigbench_missing_and_unreadable_archives(tmp_path):
-    with pytest.raises(MixtuneError, match=r"bb\.tar\.gz: source 'bb': no such file"):
+    with pytest.raises(MixtuneError, match=r"bb\.tar\.gz: source 'bb': no such file \(place a copy of the BIG-bench sdist"):
         read_source(bb(), tmp_path)
     (tmp_path / "bb.tar.gz").write_bytes(b"not gzip at all")
     with pytest.raises(MixtuneError, match=r"bb\.tar\.gz: not a readable \.tar\.gz archive"):
@@ -366,6 +366,99 @@ def test_bigbench_bad_task_json_names_the_member(tmp_path):
     build_bigbench(tmp_path / "bb.tar.gz", {PREFIX + "broken/task.json": b'{"examples": ['})
     with pytest.raises(MixtuneError, match=r"bb\.tar\.gz: .*benchmark_tasks/broken/task\.json: not valid JSON"):
         read_source(bb(), tmp_path)
+
+
+# --- evals kind: the OpenAI Evals registry in its wheel -----------------------------------------------------------
+
+DATA = "evals/registry/data/"
+FEW_SHOT = [{"role": "system", "content": "Answer with Yes or No."},
+            {"role": "system", "name": "example_user", "content": "Is ice cold?"},
+            {"role": "system", "name": "example_assistant", "content": "Yes"}]
+YES_NO = [{"input": [*FEW_SHOT, {"role": "user", "content": f"Is {n} even?"}], "ideal": "Yes" if n % 2 == 0 else "No"}
+          for n in range(10)]
+OPEN = [{"input": "Capital of France?", "ideal": ["Paris", "paris"]},   # several ideals: the first is the answer
+        {"input": [{"role": "user", "content": "2+2?"}], "ideal": "4"},
+        {"input": "Rate the poem.", "choice_strings": ["1", "2"]},       # model-graded: no ideal, counted
+        {"input": [{"role": "user", "content": [{"type": "image_url"}]}], "ideal": "a cat"},  # not text: counted
+        {"input": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], "ideal": "x"}]
+
+
+def build_wheel(path: Path, members: dict[str, list | bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, rows in members.items():
+            zf.writestr(name, rows if isinstance(rows, bytes) else "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    return path
+
+
+@pytest.fixture
+def evals_wheel(tmp_path) -> Path:
+    return build_wheel(tmp_path / "ev.whl", {DATA + "parity/samples.jsonl": YES_NO, DATA + "open.jsonl": OPEN,
+                                             "evals/registry/evals/parity.yaml": b"parity: {}\n",
+                                             DATA + "grid/moves.jsonl": [{"game_idx": 1, "previous_moves": []}]})
+
+
+def ev(**kw):
+    from mixtune.plumbing.config import EvalsSource
+
+    return EvalsSource(name="ev", kind="evals", path="ev.whl", **kw)
+
+
+def test_evals_exact_normalized_examples_and_what_is_left_out(tmp_path, evals_wheel):
+    from collections import Counter
+
+    left_out: Counter = Counter()
+    examples = {ex["id"]: ex for ex in read_source(ev(), tmp_path, left_out=left_out)}
+    # Few-shot turns (system messages named example_user / example_assistant) become the turns they stand for;
+    # a closed answer set (Yes / No, 5 examples per answer) makes the task multiple choice over it.
+    assert examples["ev/parity/samples/3"] == {
+        "id": "ev/parity/samples/3", "source": "ev", "task": "parity/samples", "keywords": [], "capability": [],
+        "prompt": [{"role": "system", "content": "Answer with Yes or No."},
+                   {"role": "user", "content": "Is ice cold?"}, {"role": "assistant", "content": "Yes"},
+                   {"role": "user", "content": "Is 3 even?"}],
+        "completion": "No", "options": ["No", "Yes"]}
+    assert examples["ev/open/0"] == {
+        "id": "ev/open/0", "source": "ev", "task": "open", "keywords": [], "capability": [],
+        "prompt": [{"role": "user", "content": "Capital of France?"}], "completion": "Paris", "options": None}
+    assert examples["ev/open/1"]["prompt"] == [{"role": "user", "content": "2+2?"}]
+    assert tasks_of(list(examples.values())) == {"parity/samples": 10, "open": 2}
+    # model-graded, an image, a prompt ending on the assistant's turn, a game state: counted, never silent
+    assert left_out == {"other_format_removed": 4}
+
+
+def test_evals_task_filters_and_seeded_cap(tmp_path, evals_wheel):
+    assert set(tasks_of(read_source(ev(tasks=["parity"]), tmp_path))) == {"parity/samples"}  # a folder
+    assert set(tasks_of(read_source(ev(exclude_tasks=["parity"]), tmp_path))) == {"open"}
+    capped = read_source(ev(max_per_task=4, tasks=["parity"]), tmp_path, seed=0)
+    assert len(capped) == 4 and read_source(ev(max_per_task=4, tasks=["parity"]), tmp_path, seed=0) == capped
+    assert len({tuple(ex["id"] for ex in read_source(ev(max_per_task=4, tasks=["parity"]), tmp_path, seed=s))
+                for s in range(10)}) > 1
+    # 4 answers of 2 values are too few (5 per value) to call the set closed: open questions
+    assert all(ex["options"] is None for ex in capped)
+
+
+def test_evals_bad_files_are_named(tmp_path):
+    with pytest.raises(MixtuneError, match=r"^ev\.whl: source 'ev': no such file \(run `mixtune fetch`\)$"):
+        read_source(ev(), tmp_path)
+    (tmp_path / "ev.whl").write_bytes(b"not a zip")
+    with pytest.raises(MixtuneError, match=r"^ev\.whl: not a readable wheel \(zip\) archive"):
+        read_source(ev(), tmp_path)
+    build_wheel(tmp_path / "ev.whl", {DATA + "t.jsonl": b'{"input": "a", "ideal": "b"}\n\n{"input": \n'})
+    with pytest.raises(MixtuneError, match=r"^ev\.whl: evals/registry/data/t\.jsonl: line 2: not valid JSON"):
+        read_source(ev(), tmp_path)
+
+
+def test_an_evals_source_is_a_pool_only(tmp_path):
+    from mixtune.plumbing.config import load_section
+
+    params = {"prepare": {"seed": 0, "dev_fraction": 0.1, "test_fraction": 0.1, "decontaminate_ngram": 13,
+                          "generalist_max_chars": 2000, "generalist_probe": 0, "too_long": "error",
+                          "min_eval_examples": 0, "max_record_chars": 1000, "allow_unversioned": False,
+                          "specialist": [{"name": "ev", "kind": "evals", "path": "ev.whl"}], "generalist": []}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    with pytest.raises(MixtuneError, match="an evals source is a generalist pool only, not a specialist task"):
+        load_section("prepare", tmp_path / "params.yaml")
 
 
 # --- requests: the registered model's input is prompted as prepare prompted the data ---------------------------

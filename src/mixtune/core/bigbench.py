@@ -68,7 +68,9 @@ def bigbench_tasks(path: Path) -> Iterator[tuple[str, dict]]:
 def examples(src: BigbenchSource, root: Path, seed: int, recipes: dict | None) -> Iterator[dict]:
     path = root / src.path
     if not path.is_file():
-        raise MixtuneError(f"{src.path}: source '{src.name}': no such file (run `mixtune fetch`)")
+        # PyPI no longer serves bigbench==1.0.0, so `mixtune fetch` cannot bring it (docs/study.md).
+        raise MixtuneError(f"{src.path}: source '{src.name}': no such file (place a copy of the BIG-bench sdist "
+                           "or of a BIG-bench repository tarball there: PyPI no longer serves bigbench==1.0.0)")
     parent_keywords: dict[str, list[str]] = {}
     pending: list[tuple[str, dict]] = []  # subtasks seen before their parent's keywords
     try:

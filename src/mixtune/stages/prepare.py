@@ -61,7 +61,7 @@ def _tracked(root: Path) -> list[str] | None:
 
 
 def unversioned(cfg: PrepareConfig, root: Path) -> dict[str, list[str]]:
-    """source name -> its files (a file or BIG-bench source's path and split files) that DVC does not version:
+    """source name -> its files (a file, BIG-bench or evals source's path and split files) that DVC does not version:
     an error unless prepare.allow_unversioned, then recorded in stats.json, the card and the MLflow run."""
     tracked = _tracked(root)
     if tracked is None:
@@ -174,14 +174,15 @@ def run(cfg: PrepareConfig, model_cfg: ModelConfig, max_length: int, root: Path 
 
     generalist: list[dict] = []
     for src in cfg.generalist:
-        examples = read_source(src, root, cfg.seed)
+        left_out: Counter = Counter()
+        examples = read_source(src, root, cfg.seed, left_out=left_out)
         kept = [ex for ex in examples if ex["task"] not in target_tasks]  # the target is never in the pool
         short = [ex for ex in kept if len(prompt_text(ex)) + len(ex["completion"]) <= cfg.generalist_max_chars]
         # The pool is ours, not the user's: an example over max_length is left out, and counted.
         fits = [ex for ex, n in zip(short, chat_tokens(tokenizer, [with_answer(ex) for ex in short]))
                 if n <= max_length]
         stats["generalist"][src.name] = {"read": len(examples), "target_task_removed": len(examples) - len(kept),
-                                         "too_long_removed": len(kept) - len(fits)}
+                                         "too_long_removed": len(kept) - len(fits), **left_out}
         generalist += fits
     generalist, stats["generalist_duplicates_removed"] = dedupe(generalist, with_completion=True)
     generalist, stats["decontaminated"] = decontaminate(generalist, parts["dev"] + parts["test"],
@@ -295,7 +296,9 @@ def data_card(cfg: PrepareConfig, stats: dict, parts: dict[str, list[dict]], tok
     g = stats["generalist"]
     lines += ["## Generalist pool", "",
               *((f"- source `{n}`: {v['read']} read, {v['target_task_removed']} of the target task removed, "
-                 f"{v['too_long_removed']} over generalist_max_chars or max_length left out") for n, v in g.items()),
+                 f"{v['too_long_removed']} over generalist_max_chars or max_length left out"
+                 + (f", {v['other_format_removed']} sampled records not a question with an answer (e.g. model-graded)"
+                    if v.get("other_format_removed") else "")) for n, v in g.items()),
               (f"- duplicates removed {stats['generalist_duplicates_removed']}, decontaminated (sharing a "
                f"{cfg.decontaminate_ngram}-word span with a dev/test input) {stats['decontaminated']}"),
               (f"- forgetting probe {stats['generalist_probe']} questions; pool {stats['generalist_pool']} examples "
