@@ -26,9 +26,10 @@ import numpy as np
 
 from mixtune.core import metrics as M
 from mixtune.plumbing import entry, lineage
-from mixtune.plumbing.config import MixConfig, StudyConfig
+from mixtune.plumbing.config import MixConfig
 from mixtune.plumbing.errors import MixtuneError
 from mixtune.plumbing.files import atomic_file, read_jsonl, sha256_file, write_json
+from mixtune.plumbing.study_config import StudyConfig
 from mixtune.plumbing.tracking import repo_root, stage_run
 
 # Keywords that say how a BIG-bench task is posed, not which skill it needs: they do not count for coverage.

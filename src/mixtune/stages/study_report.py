@@ -21,9 +21,9 @@ from mixtune.core import metrics as M
 from mixtune.core.search_answer import choose
 from mixtune.core.study_render import CONDITIONS, csv_text, figures, render, tables
 from mixtune.plumbing import entry
-from mixtune.plumbing.config import StudyConfig
 from mixtune.plumbing.errors import MixtuneError
 from mixtune.plumbing.files import atomic_file
+from mixtune.plumbing.study_config import StudyConfig
 from mixtune.stages.study import prepared_dir, results_path, screen_path
 
 
