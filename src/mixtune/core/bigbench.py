@@ -4,7 +4,6 @@ example a prompt with the task's own prefixes and options."""
 from __future__ import annotations
 
 import json
-import random
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,8 @@ _PREFIXES = ("task_prefix", "example_input_prefix", "example_output_prefix")  # 
 
 
 def _selected(src: BigbenchSource, task: str, keywords: list[str]) -> bool:
-    def named(names: list[str]) -> bool:  # a task name also selects its subtasks
-        return any(task == n or task.startswith(n + "/") for n in names)
-
     kw = {k.lower() for k in keywords}
-    return ((not src.tasks or named(src.tasks)) and not named(src.exclude_tasks)
-            and (not src.include_keywords or bool(kw & {k.lower() for k in src.include_keywords}))
+    return (src.selects(task) and (not src.include_keywords or bool(kw & {k.lower() for k in src.include_keywords}))
             and not kw & {k.lower() for k in src.exclude_keywords})
 
 
@@ -79,7 +74,8 @@ def examples(src: BigbenchSource, root: Path, seed: int, recipes: dict | None) -
             if not tj.get("examples"):
                 continue
             # Keep only the capped sample of each task in memory, never the whole archive.
-            pending.append((name, {**tj, "examples": _cap(tj["examples"], src.max_per_task, seed, name)}))
+            kept = src.sample(len(tj["examples"]), seed, name)
+            pending.append((name, {**tj, "examples": [(i, tj["examples"][i]) for i in kept]}))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise MixtuneError(f"{src.path}: not a readable .tar.gz archive: {e}") from None
     for name, tj in pending:
@@ -100,9 +96,3 @@ def examples(src: BigbenchSource, root: Path, seed: int, recipes: dict | None) -
                                keywords=keywords, capability=src.capability or None,
                                prompt=[{"role": "user", "content": text}], completion=completion, options=options)
 
-
-def _cap(examples: list, k: int, seed: int, task: str) -> list[tuple[int, dict]]:
-    idx = range(len(examples))
-    if len(examples) > k:  # seeded per task, so the sample does not depend on archive order
-        idx = sorted(random.Random(f"{seed}:{task}").sample(range(len(examples)), k))
-    return [(i, examples[i]) for i in idx]

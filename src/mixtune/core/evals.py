@@ -9,7 +9,6 @@ Records of other shapes (model-graded or game-state evals) are counted, never si
 from __future__ import annotations
 
 import json
-import random
 import re
 import zipfile
 from collections import Counter
@@ -25,13 +24,6 @@ DATA_DIR = "evals/registry/data/"
 _NAMED = {"example_user": "user", "example_assistant": "assistant"}
 _LINES = re.compile(rb"\r\n|\r|\n")
 CLOSED_SET = 10  # at most this many distinct answers, each of at most 3 words, and 5 examples per answer
-
-
-def _selected(src: EvalsSource, task: str) -> bool:
-    def named(names: list[str]) -> bool:  # a folder name also selects the tasks under it
-        return any(task == n or task.startswith(n + "/") for n in names)
-
-    return (not src.tasks or named(src.tasks)) and not named(src.exclude_tasks)
 
 
 def _messages(value: object) -> list[dict] | None:
@@ -93,10 +85,10 @@ def examples(src: EvalsSource, root: Path, seed: int, left_out: Counter | None =
         raise MixtuneError(f"{src.path}: source '{src.name}': no such file (run `mixtune fetch`)")
     try:
         for task, lines in tasks(path):
-            if not _selected(src, task):
+            if not src.selects(task):
                 continue
             parsed = []
-            for i in _cap(len(lines), src.max_per_task, seed, task):  # only the capped sample is decoded
+            for i in src.sample(len(lines), seed, task):  # only the capped sample is decoded
                 try:
                     record = json.loads(lines[i])
                 except ValueError as e:
@@ -115,8 +107,3 @@ def examples(src: EvalsSource, root: Path, seed: int, left_out: Counter | None =
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise MixtuneError(f"{src.path}: not a readable wheel (zip) archive: {e}") from None
 
-
-def _cap(n: int, k: int, seed: int, task: str) -> list[int]:
-    if n <= k:
-        return list(range(n))
-    return sorted(random.Random(f"{seed}:{task}").sample(range(n), k))  # per task: independent of file order

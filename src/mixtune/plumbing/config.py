@@ -6,6 +6,7 @@ Validation errors become one line naming the file and the key: `params.yaml: mix
 from __future__ import annotations
 
 import functools
+import random
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -98,6 +99,18 @@ class _TaskArchive(_SourceBase):  # a collection of tasks in one archive, read i
     tasks: list[str] = []  # keep only these tasks (a name also selects the tasks under it); empty = all
     exclude_tasks: list[str] = []
     max_per_task: int = Field(default=100, gt=0)  # so no task dominates the pool
+
+    def selects(self, task: str) -> bool:
+        def named(names: list[str]) -> bool:
+            return any(task == n or task.startswith(n + "/") for n in names)
+        return (not self.tasks or named(self.tasks)) and not named(self.exclude_tasks)
+
+    def sample(self, n: int, seed: int, task: str) -> list[int]:
+        """The indices of a task's examples kept: all, or a sample of max_per_task seeded per task (so it does
+        not depend on the archive's order), in their order."""
+        if n <= self.max_per_task:
+            return list(range(n))
+        return sorted(random.Random(f"{seed}:{task}").sample(range(n), self.max_per_task))
 
 
 class BigbenchSource(_TaskArchive):
