@@ -2,7 +2,7 @@
 ceiling, same model, examples and run; and batched generation's own figure.
 
     scoring    score.predict: a batch's common prefix once, then each prompt once with all its options in the
-               same forward pass (a 4D mask), at score.precision() (fp32 on a CPU)
+               same forward pass (a 4D mask), at score.score_precision() (fp32 on a CPU)
     baseline   naive scoring: one unbatched forward per (example, option) over prompt + option, what a plain
                script does; the two must agree within 1e-4 on every option
     ceiling    n x n matmul throughput at fp32 and at bf16, measured in this run; utilisation =
@@ -90,7 +90,7 @@ def main() -> None:
     tokenizer = load_tokenizer(base)
     model = load_adapter(load_base(base), REPO / "train" / "adapter").eval()
     n_params = sum(p.numel() for p in model.parameters())
-    prec = score.precision()
+    prec = score.score_precision()
     prompts = [score._prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
     tokens = sum(len(p) + sum(len(score._option_ids(tokenizer, ex["prompt"], p, o)) for o in ex["options"])
                  for ex, p in zip(examples, prompts)) / len(examples)

@@ -98,15 +98,15 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
-    from mixtune.core.model import precision, resolve_base
+    from mixtune.core.model import resolve_base, train_precision
+    from mixtune.core.tune import build_trainer
     from mixtune.plumbing.config import load_section
     from mixtune.plumbing.files import read_jsonl, write_json
-    from mixtune.core.tune import build_trainer
 
     cfg = load_section("train", args.params).model_copy(update={"max_steps": args.steps, "save_steps": 10**6})
     base = resolve_base(load_section("model", args.params).base)
     examples = short_examples(base) if args.short else read_jsonl(REPO / "mix" / "train.jsonl")
-    prec = precision(cfg.precision)
+    prec = train_precision(cfg.precision)
     ceiling = matmul_ceiling()
     runs: dict[str, list[dict]] = {"baseline": [], "mixtune": []}
     n_params = 0

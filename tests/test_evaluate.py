@@ -92,7 +92,7 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
     preds = score.predict(model, tokenizer, examples, section("evaluate", batch_size=2))
     assert preds == [ex["options"][int(np.argmax(w))] for ex, w in zip(examples, want)]
     # On a CPU every answer is scored in fp32: an example scores the same alone as in any batch (served = evaluated)
-    assert score.precision() == "fp32"
+    assert score.score_precision() == "fp32"
     cfg = section("evaluate", batch_size=16)
     together = score.answer(model, tokenizer, examples, cfg)[1]
     for ex, t in zip(examples[:4], together):

@@ -32,8 +32,8 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def precision(choice: str) -> str:
-    """'bf16', 'fp16' or 'fp32' for this machine; 'auto' takes bf16 where the hardware has it."""
+def train_precision(choice: str) -> str:
+    """What training computes in (train.precision): 'bf16', 'fp16' or 'fp32' for this machine; 'auto' takes bf16 where the hardware has it."""
     import torch
 
     if choice != "auto":

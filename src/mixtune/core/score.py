@@ -27,8 +27,8 @@ _PER_EXAMPLE = {"accuracy": M.exact_match, "exact_match": M.exact_match, "token_
 # --- predictions --------------------------------------------------------------------------------------------
 
 
-def precision() -> str:
-    """What every answer is scored at: fp32 on a CPU. There, bf16 autocast makes an example's scores depend on the
+def score_precision() -> str:
+    """What every answer is scored at, whatever train.precision says: fp32 on a CPU. There, bf16 autocast makes an example's scores depend on the
     batch it shares (measured with the tuned BBC adapter: options' probabilities moved by up to 0.08 between two
     batchings of the same articles, and 6 of 211 test labels differed from fp32), while batched fp32 costs what
     unbatched bf16 costs (68 s against 72 s for the 211 articles, 45 s batched bf16). So evaluate, the search and
@@ -36,9 +36,9 @@ def precision() -> str:
     bf16 (fp16 without it): not measured here."""
     import torch
 
-    from mixtune.core.model import precision as hardware
+    from mixtune.core.model import train_precision
 
-    return hardware("auto") if torch.cuda.is_available() else "fp32"
+    return train_precision("auto") if torch.cuda.is_available() else "fp32"
 
 
 def _autocast(prec: str):
@@ -176,8 +176,8 @@ def label_from_text(text: str, options: list[str]) -> str:
 def answer(model, tokenizer, examples: list[dict], cfg) -> tuple[list[str], list[list[float] | None]]:
     """Each example's answer, the way it is scored: the most likely option (classification, multiple choice),
     else the greedy text; and the options' log-likelihoods (None for a generated answer). `cfg`: batch_size
-    and max_new_tokens (of evaluate). At `precision()`. The model's mode is restored."""
-    prec = precision()
+    and max_new_tokens (of evaluate). At `score_precision()`. The model's mode is restored."""
+    prec = score_precision()
     training = model.training
     model.eval()
     choice = [i for i, ex in enumerate(examples) if ex["options"]]

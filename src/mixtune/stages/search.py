@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mixtune.core import metrics as M
 from mixtune.core import score
-from mixtune.core.model import load_tokenizer, precision, release_memory, resolve_base
+from mixtune.core.model import load_tokenizer, release_memory, resolve_base, train_precision
 from mixtune.core.search_answer import log_summary, recommend, trial_rows, trials_csv
 from mixtune.plumbing import entry, lineage
 from mixtune.plumbing.config import MixConfig, ModelConfig, SearchConfig, TrainConfig
@@ -70,7 +70,7 @@ class _Trials:
         self.size = study.user_attrs["specialist_size"]
         self.folder = repo_root() / ".cache" / "search" / study.study_name
         self.tokenizer = load_tokenizer(base)
-        self.prec = precision(train_cfg.precision)
+        self.prec = train_precision(train_cfg.precision)
         self.scorer = score.Scorer(dev, metric)
         self.numbers: list[int] = []  # the trials this process ran
         self.trained: list[int] = []  # of them, those it trained (not taken from the cache): what a trial costs

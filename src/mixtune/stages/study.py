@@ -120,12 +120,12 @@ class _Runner:
     """What every cell of one target needs, loaded once: the base model's tokenizer, dev and test subsets."""
 
     def __init__(self, cfg: StudyConfig, target: str, prepared: Path):
-        from mixtune.core.model import load_tokenizer, precision, resolve_base
+        from mixtune.core.model import load_tokenizer, resolve_base, train_precision
 
         self.cfg, self.target, self.prepared = cfg, target, prepared
         self.base = resolve_base(cfg.model.base)
         self.tokenizer = load_tokenizer(self.base)
-        self.prec = precision(cfg.train.precision)
+        self.prec = train_precision(cfg.train.precision)
         spec = prepared / "specialist"
         self.dev = read_jsonl(spec / "dev.jsonl")[: cfg.dev_examples]
         self.test = read_jsonl(spec / "test.jsonl")[: cfg.test_examples]

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mixtune.core.model import adapter_file, load_tokenizer, precision, resolve_base
+from mixtune.core.model import adapter_file, load_tokenizer, resolve_base, train_precision
 from mixtune.core.tune import FLOP_PER_PARAM_TOKEN, Stop, dataset_tokens, trained_tokens, tuner
 from mixtune.plumbing import entry
 from mixtune.plumbing.config import ModelConfig, TrainConfig
@@ -43,7 +43,7 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         raise MixtuneError(f"{manifest_path}: no such file (run the mix stage first)")
     manifest = json.loads(manifest_path.read_text())
     base = resolve_base(model_cfg.base)
-    prec = precision(cfg.precision)
+    prec = train_precision(cfg.precision)
     timer = Timer()
     params = {"model": model_cfg.model_dump(), "train": cfg.model_dump(),
               "mix": {k: manifest[k] for k in ("specialist_size", "generalist_share", "generalist_size", "seed")},
