@@ -204,7 +204,7 @@ def evals_subset(tmp_path_factory) -> tuple[Path, list[str]]:
             if len(tasks) >= N_TASKS and closed:
                 break
             data = src.read(name)
-            answers = [got[1] for got in map(evals.parse, (json.loads(ln) for ln in evals.lines(data)))
+            answers = [got[1] for got in map(evals.parse, (json.loads(ln) for _, ln in evals.records(data)))
                        if got]
             if not answers or (len(tasks) >= N_TASKS - 1 and not closed and not evals.closed_set(answers[:100])):
                 continue

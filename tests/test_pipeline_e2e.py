@@ -101,7 +101,7 @@ def test_dvc_repro_data_stages(tmp_path, evals_subset):
     gen = stats["generalist"]["evals"]
     # every sampled record (40 per task at most) is an example or counted as left out
     with zipfile.ZipFile(archive) as zf:
-        sampled = sum(min(40, len(evals.lines(zf.read(f"{evals.DATA_DIR}{t}.jsonl")))) for t in tasks)
+        sampled = sum(min(40, len(evals.records(zf.read(f"{evals.DATA_DIR}{t}.jsonl")))) for t in tasks)
     assert gen["read"] > 0 and gen["read"] + gen.get("other_format_removed", 0) == sampled
     assert gen["target_task_removed"] == 0
     assert stats["generalist_pool"] == (gen["read"] - gen["too_long_removed"] - stats["generalist_duplicates_removed"]

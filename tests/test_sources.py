@@ -444,8 +444,10 @@ def test_evals_bad_files_are_named(tmp_path):
     (tmp_path / "ev.whl").write_bytes(b"not a zip")
     with pytest.raises(MixtuneError, match=r"^ev\.whl: not a readable wheel \(zip\) archive"):
         read_source(ev(), tmp_path)
-    build_wheel(tmp_path / "ev.whl", {DATA + "t.jsonl": b'{"input": "a", "ideal": "b"}\n\n{"input": \n'})
-    with pytest.raises(MixtuneError, match=r"^ev\.whl: evals/registry/data/t\.jsonl: line 2: not valid JSON"):
+    # the file's own line number, blank lines and a CR-only line end counted
+    raw = b'{"input": "a", "ideal": "b"}\r\n\n{"input": "c", "ideal": "d"}\r{"input": \n'
+    build_wheel(tmp_path / "ev.whl", {DATA + "t.jsonl": raw})
+    with pytest.raises(MixtuneError, match=r"^ev\.whl: evals/registry/data/t\.jsonl: line 4: not valid JSON"):
         read_source(ev(), tmp_path)
 
 

@@ -64,18 +64,18 @@ def closed_set(answers: list[str]) -> list[str] | None:
     return None
 
 
-def lines(raw: bytes) -> list[bytes]:
-    """A samples file's non-blank lines. A raw CR cannot be inside a JSON string, so a CR alone ends a line too
-    (one of the registry's files uses it)."""
-    return [ln for ln in _LINES.split(raw) if ln.strip()]
+def records(raw: bytes) -> list[tuple[int, bytes]]:
+    """A samples file's non-blank lines, with their line numbers. A raw CR cannot be inside a JSON string, so a CR
+    alone ends a line too (one of the registry's files uses it)."""
+    return [(n, ln) for n, ln in enumerate(_LINES.split(raw), 1) if ln.strip()]
 
 
-def tasks(path: Path) -> Iterator[tuple[str, list[bytes]]]:
-    """(task, its non-blank lines) for every samples file of the registry, in name order."""
+def tasks(path: Path) -> Iterator[tuple[str, list[tuple[int, bytes]]]]:
+    """(task, its records) for every samples file of the registry, in name order."""
     with zipfile.ZipFile(path) as zf:
         for name in sorted(zf.namelist()):
             if name.startswith(DATA_DIR) and name.endswith(".jsonl"):
-                yield name[len(DATA_DIR):-len(".jsonl")], lines(zf.read(name))
+                yield name[len(DATA_DIR):-len(".jsonl")], records(zf.read(name))
 
 
 def examples(src: EvalsSource, root: Path, seed: int, left_out: Counter | None = None) -> Iterator[dict]:
@@ -84,15 +84,16 @@ def examples(src: EvalsSource, root: Path, seed: int, left_out: Counter | None =
     if not path.is_file():
         raise MixtuneError(f"{src.path}: source '{src.name}': no such file (run `mixtune fetch`)")
     try:
-        for task, lines in tasks(path):
+        for task, rows in tasks(path):
             if not src.selects(task):
                 continue
             parsed = []
-            for i in src.sample(len(lines), seed, task):  # only the capped sample is decoded
+            for i in src.sample(len(rows), seed, task):  # only the capped sample is decoded
+                line, raw = rows[i]
                 try:
-                    record = json.loads(lines[i])
+                    record = json.loads(raw)
                 except ValueError as e:
-                    raise MixtuneError(f"{src.path}: {DATA_DIR}{task}.jsonl: line {i + 1}: not valid JSON: "
+                    raise MixtuneError(f"{src.path}: {DATA_DIR}{task}.jsonl: line {line}: not valid JSON: "
                                        f"{first_line(e)}") from None
                 if (got := parse(record)) is None:
                     if left_out is not None:
