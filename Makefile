@@ -27,6 +27,7 @@ test: fetch
 	$(BIN)/pytest -q
 
 # The paper's experiments (study/params.yaml: the `cpu` preset, within 100 minutes here) -> reports/study.md
+# Needs BIG-bench at data/generalist/bigbench-1.0.0.tar.gz, which fetch can no longer download (docs/study.md).
 study: fetch
 	$(BIN)/dvc repro study/dvc.yaml
 
