@@ -33,7 +33,8 @@ def cpu_has_bf16() -> bool:
 
 
 def train_precision(choice: str) -> str:
-    """What training computes in (train.precision): 'bf16', 'fp16' or 'fp32' for this machine; 'auto' takes bf16 where the hardware has it."""
+    """What training computes in (train.precision): 'bf16', 'fp16' or 'fp32' for this machine; 'auto' takes
+    bf16 where the hardware has it."""
     import torch
 
     if choice != "auto":

@@ -28,12 +28,12 @@ _PER_EXAMPLE = {"accuracy": M.exact_match, "exact_match": M.exact_match, "token_
 
 
 def score_precision() -> str:
-    """What every answer is scored at, whatever train.precision says: fp32 on a CPU. There, bf16 autocast makes an example's scores depend on the
-    batch it shares (measured with the tuned BBC adapter: options' probabilities moved by up to 0.08 between two
-    batchings of the same articles, and 6 of 211 test labels differed from fp32), while batched fp32 costs what
-    unbatched bf16 costs (68 s against 72 s for the 211 articles, 45 s batched bf16). So evaluate, the search and
-    the served model give each example one answer, whatever else is in its batch (fp32: within 6e-6). On a GPU,
-    bf16 (fp16 without it): not measured here."""
+    """What every answer is scored at, whatever train.precision says: fp32 on a CPU. There, bf16 autocast
+    makes an example's scores depend on the batch it shares (measured with the tuned BBC adapter: options'
+    probabilities moved by up to 0.08 between two batchings of the same articles, and 6 of 211 test labels
+    differed from fp32), while batched fp32 costs what unbatched bf16 costs (68 s against 72 s for the 211
+    articles, 45 s batched bf16). So evaluate, the search and the served model give each example one answer,
+    whatever else is in its batch (fp32: within 6e-6). On a GPU, bf16 (fp16 without it): not measured here."""
     import torch
 
     from mixtune.core.model import train_precision

@@ -67,5 +67,4 @@ class StudyConfig(_Section):
         return self
 
 
-
 SECTIONS["study"] = StudyConfig  # load_section("study", ...) validates with it

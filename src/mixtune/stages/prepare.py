@@ -61,8 +61,8 @@ def _tracked(root: Path) -> list[str] | None:
 
 
 def unversioned(cfg: PrepareConfig, root: Path) -> dict[str, list[str]]:
-    """source name -> its files (a file, BIG-bench or evals source's path and split files) that DVC does not version:
-    an error unless prepare.allow_unversioned, then recorded in stats.json, the card and the MLflow run."""
+    """source name -> its files (a file, BIG-bench or evals source's path and split files) that DVC does not
+    version: an error unless prepare.allow_unversioned, then recorded in stats.json, the card and the MLflow run."""
     tracked = _tracked(root)
     if tracked is None:
         return {}
