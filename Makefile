@@ -55,6 +55,7 @@ bench: run
 	$(BIN)/python bench/bench_stages.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_train.py --short
+	$(BIN)/python bench/bench_memory.py
 	$(BIN)/python bench/bench_eval.py
 	@if [ -n "$(BENCH_SEARCH)" ]; then $(BIN)/python bench/bench_search.py; fi
 	$(BIN)/python bench/report.py

@@ -125,7 +125,8 @@ def main() -> None:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(base)
-    rows = cfg.micro_batch * round(statistics.median(x["tokens"] for x in runs["mixtune"]) / (args.steps - 1) / cfg.batch_size)
+    # a pass's matmul rows: its tokens, at most the micro_tokens budget (a step's tokens when they fit it)
+    rows = min(cfg.micro_tokens, round(statistics.median(x["tokens"] for x in runs["mixtune"]) / (args.steps - 1)))
     shapes = shape_ceiling(model_matmuls(config, cfg.lora.r), rows, "bf16" if prec == "bf16" else "fp32")
     efficiency = {k: v * 4 * n_params / shapes for k, v in tps.items()}
     kind = "short" if args.short else "mix"

@@ -193,8 +193,18 @@ def test_train_run_end_to_end(tmp_path, monkeypatch, tiny_model):
     assert run.data.metrics["train_seconds"] == pytest.approx(m["train_seconds"])  # timings: MLflow's
 
 
+def test_micro_batches_fill_the_token_budget_in_order():
+    """Consecutive rows while rows x the longest of them fits the budget; a row longer than it goes alone."""
+    assert tune.micro_batches([100, 120, 90, 300, 50, 40, 30, 20], 512) == [(0, 3), (3, 4), (4, 8)]
+    assert tune.micro_batches([100, 120, 90, 300, 50, 40, 30, 20], 300) == [(0, 2), (2, 3), (3, 4), (4, 8)]
+    assert tune.micro_batches([600, 500, 10], 512) == [(0, 1), (1, 2), (2, 3)]
+    assert tune.micro_batches([64] * 8, 512) == [(0, 8)]
+    assert tune.micro_batches([64] * 8, 511) == [(0, 7), (7, 8)]
+    assert tune.micro_batches([], 512) == []
+
+
 def test_micro_batches_train_as_one_pass_over_the_batch(tmp_path, monkeypatch, tiny_model):
-    """micro_batch only splits each step's rows into forward/backward passes (each cut to its longest row): the
+    """micro_tokens only splits each step's rows into forward/backward passes (each cut to its longest row): the
     same losses and the same adapter as the whole batch in one pass. fp32 on a CPU: only the order of the
     gradient's sums differs. Checked by breaking it: weighting each chunk by its own token count instead of the
     batch's moved the losses by up to 12, cutting one real token per chunk by 0.8."""
@@ -205,18 +215,24 @@ def test_micro_batches_train_as_one_pass_over_the_batch(tmp_path, monkeypatch, t
     make_mix(tmp_path)
     lengths = {len(e["prompt"][-1]["content"]) for e in train.read_jsonl(tmp_path / "mix" / "train.jsonl")}
     assert len(lengths) > 8  # rows of different lengths: the chunks are cut to different widths
-    result = {}
-    for rows in (8, 3, 1):
+    result, spans = {}, {}
+    split = tune.micro_batches
+    for budget in (10**6, 250, 1):  # the whole batch; a few rows a pass; one row a pass
+        monkeypatch.setattr(tune, "micro_batches", lambda lengths, b: spans.setdefault(budget, []).append(
+            split(lengths, b)) or split(lengths, b))
         monkeypatch.chdir(tmp_path)
-        cfg = train_config(max_steps=6, batch_size=8, micro_batch=rows, logging_steps=1, save_steps=100)
-        out = tmp_path / f"train-{rows}"
+        cfg = train_config(max_steps=6, batch_size=8, micro_tokens=budget, logging_steps=1, save_steps=100)
+        out = tmp_path / f"train-{budget}"
         m = train.run(cfg, ModelConfig(base=str(tiny_model)), Path("mix"), out)
         losses = [float(r["loss"]) for r in csv.DictReader(open(out / "loss.csv"))]
-        result[rows] = m, losses, load_file(out / "adapter" / "adapter_model.safetensors")
-    whole_m, whole_losses, whole_w = result[8]
+        result[budget] = m, losses, load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(s == [(0, 8)] for s in spans[10**6])
+    assert any(1 < len(s) < 8 for s in spans[250])  # some passes of several rows, of different widths
+    assert all(s == [(i, i + 1) for i in range(8)] for s in spans[1])
+    whole_m, whole_losses, whole_w = result[10**6]
     assert len(whole_losses) == 6 and whole_losses[-1] < whole_losses[0]
-    for rows in (3, 1):
-        m, losses, w = result[rows]
+    for budget in (250, 1):
+        m, losses, w = result[budget]
         assert m["trained_tokens"] == whole_m["trained_tokens"]
         assert losses == pytest.approx(whole_losses, abs=1e-5)
         assert m["train_loss"] == pytest.approx(whole_m["train_loss"], abs=1e-5)
@@ -513,7 +529,7 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
     make_mix(tmp_path)
     examples = read_jsonl(tmp_path / "mix" / "train.jsonl")
     tokenizer = load_tokenizer(str(tiny_model))
-    cfg = train_config(max_steps=6, batch_size=8, micro_batch=4, logging_steps=1)
+    cfg = train_config(max_steps=6, batch_size=8, micro_tokens=128, logging_steps=1)
     runs_ = {}
     for held in (True, False):
         torch.manual_seed(0)

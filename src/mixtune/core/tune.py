@@ -91,28 +91,47 @@ def _trainer_class():
             return (loss, None) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            """The step's rows in micro-batches of `micro_batch`, each forward and backward on its own, each cut
-            to its longest row (the collator pads on the right, so the cut columns are padding no real token
-            attends to). The gradient is the whole batch's: every chunk's loss is summed over its completion
-            tokens and divided by the batch's count. Smaller activations: faster on a CPU, less memory
-            (measured in the README). Not the Trainer's gradient accumulation, whose resume of a checkpoint
-            changed the training (test_train): the Trainer still sees one batch per step."""
-            rows = inputs["input_ids"].shape[0]
-            if self.micro_batch >= rows or "attention_mask" not in inputs:  # packed: one row, no mask
+            """The step's rows in micro-batches of at most `micro_tokens` padded tokens (`micro_batches`), each
+            forward and backward on its own, each cut to its longest row (the collator pads on the right, so the
+            cut columns are padding no real token attends to). The gradient is the whole batch's: every chunk's
+            loss is summed over its completion tokens and divided by the batch's count. Activations scale with a
+            chunk's tokens (eager attention's with its rows x length^2), so a budget in tokens bounds memory
+            whatever the rows' lengths: long rows go one by one, short ones together. Not the Trainer's gradient
+            accumulation, whose resume of a checkpoint changed the training (test_train): the Trainer still sees
+            one batch per step."""
+            if "attention_mask" not in inputs:  # packed: one row, no mask
+                return super().training_step(model, inputs, num_items_in_batch)
+            lengths = inputs["attention_mask"].sum(dim=1).tolist()
+            spans = micro_batches(lengths, self.micro_tokens)
+            if len(spans) == 1:
                 return super().training_step(model, inputs, num_items_in_batch)
             if num_items_in_batch is None:
                 num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
             width = inputs["input_ids"].shape[1]
             loss = 0.0
-            for i in range(0, rows, self.micro_batch):
-                mask = inputs["attention_mask"][i : i + self.micro_batch]
-                keep = int(mask.sum(dim=1).max())
-                chunk = {k: v[i : i + self.micro_batch, :keep] if v.dim() > 1 and v.shape[1] == width
-                         else v[i : i + self.micro_batch] for k, v in inputs.items()}
+            for i, j in spans:
+                keep = max(lengths[i:j])
+                chunk = {k: v[i:j, :keep] if v.dim() > 1 and v.shape[1] == width else v[i:j]
+                         for k, v in inputs.items()}
                 loss = loss + super().training_step(model, chunk, num_items_in_batch)
             return loss
 
     return CompletionTrainer
+
+
+
+def micro_batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive spans [i, j) of rows, each as many rows as fit `budget` padded tokens (rows x the longest of
+    them), at least one row each."""
+    spans, i = [], 0
+    while i < len(lengths):
+        j, longest = i + 1, lengths[i]
+        while j < len(lengths) and (j + 1 - i) * max(longest, lengths[j]) <= budget:
+            longest = max(longest, lengths[j])
+            j += 1
+        spans.append((i, j))
+        i = j
+    return spans
 
 
 
@@ -215,7 +234,7 @@ def build_trainer(cfg: TrainConfig, base: str, examples: list[dict], output_dir:
     dataset = datasets.Dataset.from_list([to_conversational(e) for e in examples])
     trainer = _trainer_class()(model=load_base(base), args=sft, train_dataset=dataset, processing_class=tokenizer,
                                peft_config=lora)
-    trainer.micro_batch = cfg.micro_batch
+    trainer.micro_tokens = cfg.micro_tokens
     if prec == "bf16" and not _cuda():
         hold_frozen_bf16(trainer.model)
     return trainer

@@ -193,7 +193,7 @@ class TrainConfig(_Section):
     max_steps: int  # > 0 overrides epochs
     batch_size: int = Field(gt=0)
     grad_accum: int = Field(gt=0)
-    micro_batch: int = Field(gt=0)  # rows per forward/backward pass within a step: speed and memory, not the result
+    micro_tokens: int = Field(gt=0)  # padded tokens per forward/backward pass within a step: memory, not the result
     max_length: int = Field(gt=8)
     # Packing concatenates examples into one row; with SDPA that row's block mask costs attention quadratic in
     # the row's length (~4x slower on a CPU here). Worth it on a GPU with FlashAttention varlen kernels.

@@ -1,0 +1,103 @@
+"""Training memory against speed: micro-batches by a token budget (`train.micro_tokens`) against today's baseline
+of 4 rows a pass, same model, mixes and machine, one run.
+
+    baseline  each step's 8 rows in passes of 4 (the code before micro_tokens), each cut to its longest row
+    mixtune   passes of at most train.micro_tokens padded tokens (rows x the longest of them)
+
+Each (method, mix) trains `--steps` steps in a process of its own, so its peak RSS is its own; the first steps
+are the longest batches (the length-grouped sampler puts the longest first, so the peak is reached). Mixes: the
+top of the searched range (r=0.9: 576 generalist examples beside 64 task examples, the long rows) and the pure
+specialist (r=0: short rows), sampled by the mix stage from prepared/. Runs alternate baseline and mixtune.
+
+    python bench/bench_memory.py [--steps 8]
+
+Writes bench/results/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "memory.json"
+TARGET_RSS_MB = 3072.0  # issue 26: every stage of make run within 3 GB
+BASELINE_ROWS = 4
+
+
+def train_once(method: str, share: float, steps: int) -> dict:
+    """In this process: mix at `share`, train `steps` steps, the time of each and the peak RSS."""
+    sys.path.insert(0, str(REPO / "src"))
+    from transformers import TrainerCallback
+
+    from mixtune.core import tune
+    from mixtune.core.model import resolve_base, train_precision
+    from mixtune.plumbing.config import load_section
+    from mixtune.plumbing.files import read_jsonl
+    from mixtune.stages import mix
+
+    cfg = load_section("train", REPO / "params.yaml").model_copy(update={"max_steps": steps, "save_steps": 10**6})
+    if method == "baseline":  # today's passes: a fixed number of rows, whatever their length
+        tune.micro_batches = lambda lengths, budget: [(i, min(i + BASELINE_ROWS, len(lengths)))
+                                                      for i in range(0, len(lengths), BASELINE_ROWS)]
+    mix_cfg = load_section("mix", REPO / "params.yaml").model_copy(update={"generalist_share": share})
+    with tempfile.TemporaryDirectory() as tmp:
+        mix.run(mix_cfg, REPO / "prepared", Path(tmp) / "mix")
+        examples = read_jsonl(Path(tmp) / "mix" / "train.jsonl")
+        base = resolve_base(load_section("model", REPO / "params.yaml").base)
+        trainer = tune.build_trainer(cfg, base, examples, Path(tmp) / "out", train_precision(cfg.precision))
+        trainer.args.set_save(strategy="no")
+        stamps: list[float] = []
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                stamps.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kw):
+                stamps.append(time.perf_counter())
+
+        trainer.add_callback(Clock())
+        trainer.train()
+    step_seconds = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
+    return {"method": method, "share": share, "micro_tokens": cfg.micro_tokens, "step_seconds": step_seconds,
+            "seconds": sum(step_seconds), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "SHARE"), help=argparse.SUPPRESS)  # a child process
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(train_once(args.one[0], float(args.one[1]), args.steps)))
+        return
+    runs = []
+    for share in (0.9, 0.0):
+        for method in ("baseline", "mixtune"):
+            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one", method, str(share)],
+                                 check=True, capture_output=True, text=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+            r = runs[-1]
+            print(f"r={share:g} {method}: {r['seconds']:.1f} s for {args.steps} steps, {r['peak_rss_mb']:.0f} MB peak",
+                  flush=True)
+    by = {(r["method"], r["share"]): r for r in runs}
+    shares = {}
+    for share in (0.9, 0.0):
+        b, m = by[("baseline", share)], by[("mixtune", share)]
+        shares[str(share)] = {"baseline": b, "mixtune": m, "speedup": b["seconds"] / m["seconds"],
+                              "met": m["peak_rss_mb"] <= TARGET_RSS_MB and m["seconds"] <= b["seconds"] * 1.05}
+    result = {"steps": args.steps, "baseline_rows": BASELINE_ROWS, "target_rss_mb": TARGET_RSS_MB, "shares": shares}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: {"speedup": round(v["speedup"], 2), "peak_mb": round(v["mixtune"]["peak_rss_mb"]),
+                          "baseline_peak_mb": round(v["baseline"]["peak_rss_mb"])} for k, v in shares.items()}))
+
+
+if __name__ == "__main__":
+    main()
