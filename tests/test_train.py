@@ -217,9 +217,13 @@ def test_micro_batches_train_as_one_pass_over_the_batch(tmp_path, monkeypatch, t
     assert len(lengths) > 8  # rows of different lengths: the chunks are cut to different widths
     result, spans = {}, {}
     split = tune.micro_batches
+
+    def recorded(lengths, budget):  # the passes each step really ran
+        spans.setdefault(budget, []).append(split(lengths, budget))
+        return spans[budget][-1]
+
+    monkeypatch.setattr(tune, "micro_batches", recorded)
     for budget in (10**6, 250, 1):  # the whole batch; a few rows a pass; one row a pass
-        monkeypatch.setattr(tune, "micro_batches", lambda lengths, b: spans.setdefault(budget, []).append(
-            split(lengths, b)) or split(lengths, b))
         monkeypatch.chdir(tmp_path)
         cfg = train_config(max_steps=6, batch_size=8, micro_tokens=budget, logging_steps=1, save_steps=100)
         out = tmp_path / f"train-{budget}"
