@@ -74,6 +74,11 @@ def test_default_pipeline_answers_trains_evaluates_and_registers(tmp_path, evals
     assert m["gain"]["value"] == pytest.approx(m["tuned"]["value"] - m["base"]["value"])
     assert m["gain"]["low"] > 0
     assert result["forgetting"]["probe_n"] == 5
+    # Forgetting is scored one way: the search's at the recommended share and for the pure specialist (the same
+    # adapters) is evaluate's, on the same probe.
+    f = result["forgetting"]
+    assert (best["forgetting"], best["specialist_forgetting"]) == pytest.approx(
+        (f["tuned"]["value"], f["specialist"]["value"]))
     labels = {"business", "entertainment", "politics", "sport", "tech"}
     rows = [json.loads(line) for line in open(repo / "eval" / "predictions.jsonl")]
     assert len(rows) == N_TEST and all({r["tuned"], r["base"], r["specialist"], r["gold"]} <= labels for r in rows)

@@ -267,3 +267,14 @@ def test_a_generative_scenario_scores_each_task_by_rouge_l_and_averages():
     # "spain" vs "rain in spain": LCS 1 -> 2*(1*1/3)/(1+1/3) = 0.5
     assert out["tuned"]["per_task"] == {"summarize": pytest.approx((6 / 7 + 0.8) / 2), "title": pytest.approx(0.5)}
     assert out["tuned"]["value"] == pytest.approx(((6 / 7 + 0.8) / 2 + 0.5) / 2)
+
+
+def test_the_probe_is_scored_question_by_question_after_normalisation():
+    # One task whatever the questions' own tasks; "yes" answers "Yes" (a probe question offers both).
+    probe = [{"task": "t1", "completion": "Yes", "options": ["Yes", "yes"]},
+             {"task": "t1", "completion": "4", "options": ["3", "4"]},
+             {"task": "t2", "completion": "B", "options": ["A", "B"]}]
+    scorer = score.probe_scorer(probe)
+    assert scorer.tasks == ["probe"]
+    enc = scorer.encode(["yes", "3", "B"])
+    assert enc.tolist() == [1.0, 0.0, 1.0] and scorer.value(enc)[0] == pytest.approx(2 / 3)

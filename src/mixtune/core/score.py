@@ -285,6 +285,13 @@ class Scorer:
         return float((2 * tp[seen] / (2 * tp + fp + fn)[seen]).mean()) if seen.any() else 0.0
 
 
+def probe_scorer(probe: list[dict]) -> Scorer:
+    """The forgetting probe's one scorer, the search's and evaluate's: accuracy question by question (exact match
+    after normalisation: a probe question may offer both "Yes" and "yes"), one task, whatever tasks its
+    questions came from, so a task with ten questions weighs ten times one with one."""
+    return Scorer([{**ex, "task": "probe"} for ex in probe], "accuracy")
+
+
 def compare(scorer: Scorer, systems: dict[str, list[str]], resamples: int, seed: int,
             gains: tuple[tuple[str, str], ...] = ()) -> dict:
     """Each system's score with its 95% interval and per-task scores, and each (a, b) gain a - b with its paired

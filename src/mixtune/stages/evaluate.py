@@ -105,9 +105,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
     examples = read_jsonl(split_path)[: cfg.max_examples]
     if not examples:
         raise MixtuneError(f"{split_path}: no examples to evaluate")
-    # The probe is scored question by question (plain accuracy), as the search's trials score it: its questions
-    # come from many generalist tasks, whose mean per task would weigh one question as much as ten.
-    probe = [{**ex, "task": "probe"} for ex in read_jsonl(prepared / "generalist_probe.jsonl")]
+    probe = read_jsonl(prepared / "generalist_probe.jsonl")
     manifest = _read(mix / "manifest.json", "mix")
     base_path = resolve_base(model_cfg.base)
     adapters = {"tuned": train / "adapter", "specialist": search / "specialist_adapter"}
@@ -145,7 +143,7 @@ def run(cfg: EvaluateConfig, model_cfg: ModelConfig, metric: str, prepared: Path
 
         cmp = score.compare(score.Scorer(examples, metric), preds, cfg.bootstrap, cfg.seed,
                             gains=(("tuned", "base"), ("tuned", "specialist")))
-        forgetting = score.compare(score.Scorer(probe, "accuracy"), probe_preds, cfg.bootstrap, cfg.seed,
+        forgetting = score.compare(score.probe_scorer(probe), probe_preds, cfg.bootstrap, cfg.seed,
                                    gains=(("base", "tuned"), ("base", "specialist"))) if probe else None
         result = numbers(cmp, forgetting, manifest["generalist_share"])
         rows = [{"id": ex["id"], "task": ex["task"], "gold": ex["completion"],

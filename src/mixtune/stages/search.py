@@ -78,12 +78,16 @@ class _Trials:
     def predict(self, model, examples: list[dict]) -> list[str]:
         return score.predict(model, self.tokenizer, examples, self.eval_cfg)
 
+    def _probe(self, model) -> str:
+        """The model's score on each probe question, as bits (evaluate's forgetting scores the same way)."""
+        return M.to_bits(score.probe_scorer(self.probe).encode(self.predict(model, self.probe)))
+
     def base_probe(self, study) -> None:
         """The base model's answers to the probe, once per search: every trial's forgetting is against them."""
         if "base_probe" not in study.user_attrs and self.probe:
             from mixtune.core.model import load_base
 
-            study.set_user_attr("base_probe", _correct(self.probe, self.predict(load_base(self.base), self.probe)))
+            study.set_user_attr("base_probe", self._probe(load_base(self.base)))
 
     def __call__(self, trial) -> float:
         share = trial.suggest_float("generalist_share", 0.0, self.cfg.max_share)
@@ -126,11 +130,11 @@ class _Trials:
             with self.timer():
                 mlflow.set_tag("mixtune.reused_trial_run_id", meta["run_id"])
                 mlflow.log_metric("trained_tokens", tokens)
-            print(f"search n={self.size}: trial {trial.number} r={share:.2f}: the adapter of trial {meta['trial']} of "
-                  f"search {meta['search']} (same mix, config and code), not trained again", flush=True)
+            print(f"search n={self.size}: trial {trial.number} r={share:.2f}: the adapter of {meta['by']} (same "
+                  "mix, config and code), not trained again", flush=True)
         with tune.scoring(model):  # a loaded adapter holds no bf16 copies: scoring() leaves it as it is
             preds = self.predict(model, self.dev)
-            probe = _correct(self.probe, self.predict(model, self.probe)) if self.probe else ""
+            probe = self._probe(model) if self.probe else ""
         cmp = score.compare(self.scorer, {"trial": preds}, self.eval_cfg.bootstrap, self.cfg.seed)["trial"]
         value, per_task = cmp["value"], cmp["per_task"]
         _set_attrs(trial, {"dev_metric": value, "dev_low": cmp["low"], "dev_high": cmp["high"],
@@ -171,13 +175,11 @@ class _Trials:
                 mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
             release_memory()  # what training freed, before scoring and the next trial
         stored = core.store(key, trainer.model, self.tokenizer, core.tracked(trainer, result.training_loss, log_rows),
-                            log_rows, {"search": trial.study.study_name, "trial": trial.number, "share": share,
+                            log_rows, {"by": f"search trial {trial.number} (share {share:.2f}, search "
+                                             f"{trial.study.study_name})",
+                                       "search": trial.study.study_name, "trial": trial.number, "share": share,
                                        "run_id": mlflow.active_run().info.run_id, "mix_sha256": manifest["sha256"]})
         return trainer.model, stored
-
-
-def _correct(examples: list[dict], preds: list[str]) -> str:
-    return M.to_bits([p == ex["completion"] for p, ex in zip(preds, examples)])
 
 
 def _set_attrs(trial, attrs: dict) -> None:
