@@ -230,6 +230,18 @@ def test_tiny_study_end_to_end(tiny_study, cli):
         assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "study.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
+    # A cell trains on the trial core: with its result gone, the cell takes the adapter it stored there (the
+    # trial core's cache, shared with the search and the train stage) and scores it again, to the same numbers.
+    for path in (root / ".cache" / "study" / "cells").glob("*.json"):
+        if "adapter_key" in json.loads(path.read_text()):
+            path.unlink()
+    rc, out, err = cli("study", "run", "--target", "a", "--size", "8")
+    assert rc == 0, err
+    assert out.count("the adapter of study cell a n=8 ") == 8 and out.count("(cached)") == 1  # the base model's
+    again = json.loads((root / "study" / "results" / "a-n8.json").read_text())["cells"]
+    same = ("dev", "test", "trained_tokens", "train_loss", "adapter_key", "share", "seed", "corrupt")
+    assert [{k: c.get(k) for k in same} for c in again] == [{k: c.get(k) for k in same} for c in docs[("a", 8)]["cells"]]
+
 
 def test_the_screen_keeps_a_target_the_model_learns_and_drops_one_it_cannot(tmp_path, monkeypatch, cli):
     """Planted targets on the tiny model: in `learnable` the answer is the word the text repeats (a or b, then two

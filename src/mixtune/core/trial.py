@@ -5,7 +5,9 @@ same three things (`save`): the adapter, its loss curve and its tracked metrics.
 .cache/adapters/<key>, where the key names everything that computes them: the mix's sha256, the training and
 model config, the precision and the code (`lineage.fingerprint`, comments and docstrings aside). When
 `mix.generalist_share: auto` lands on a share a trial trained, the train stage finds the same key and takes
-the trial's outputs instead of training them again (byte for byte what it would train: test_trial).
+the trial's outputs instead of training them again (byte for byte what it would train: test_trial). A study
+cell trains and stores on the same core, so a cell, a trial and the train stage never train one mix twice.
+Every entry's meta.json says who trained it (`by`) and in which MLflow run (`run_id`).
 """
 
 from __future__ import annotations

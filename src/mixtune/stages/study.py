@@ -177,7 +177,11 @@ class _Runner:
         return self.score(load_base(self.base))
 
     def _tuned(self, cell: dict) -> dict:
-        from mixtune.core import tune
+        """Mix, tune and score one cell on the trial core (mixtune.core.trial): an adapter a search trial, the
+        train stage or another cell trained from the same mix, config and code is taken from its cache, and
+        one trained here is stored there."""
+        from mixtune.core import trial, tune
+        from mixtune.core.model import load_adapter, load_base
         from mixtune.stages import mix
 
         train_cfg = self.cfg.train.model_copy(update={"seed": cell["seed"]})
@@ -185,19 +189,32 @@ class _Runner:
             manifest = mix.run(MixConfig(specialist_size=cell["size"], generalist_share=cell["share"],
                                          seed=cell["seed"], corrupt_generalist=cell["corrupt"]),
                                self.prepared, Path(tmp) / "mix")
-            # A cell is short: no checkpoints, an interrupted one is simply run again.
-            trainer = tune.tuner(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
-                                  Path(tmp) / "checkpoints", self.prec, self.tokenizer)
-            try:
-                trainer.train()
-            except MixtuneError as e:
-                raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: {e}") from None
-            tokens = tune.trained_tokens(trainer)
-            with tune.scoring(trainer.model) as model:
-                scores = self.score(model)
-            return {**scores, "trained_tokens": tokens, "mix_sha256": manifest["sha256"],
+            k = trial.key(train_cfg, self.cfg.model, manifest["sha256"], self.prec)
+            if (hit := trial.cached(k)) is not None:
+                metrics = json.loads((hit / "metrics.json").read_text())
+                print(f"study: {self.target} {_cell_name(cell)}: the adapter of "
+                      f"{json.loads((hit / 'meta.json').read_text())['by']} (same mix, config and code)")
+                scores = self.score(load_adapter(load_base(self.base), hit / "adapter"))
+            else:
+                import mlflow
+
+                # A cell is short: no checkpoints, an interrupted one is simply run again.
+                log_rows: list[dict] = []
+                trainer = tune.tuner(train_cfg, self.base, read_jsonl(Path(tmp) / "mix" / "train.jsonl"),
+                                     Path(tmp) / "checkpoints", self.prec, self.tokenizer, log_rows=log_rows)
+                try:
+                    result = trainer.train()
+                except MixtuneError as e:
+                    raise MixtuneError(f"study: {self.target} {_cell_name(cell)}: {e}") from None
+                metrics = trial.tracked(trainer, result.training_loss, log_rows)
+                trial.store(k, trainer.model, self.tokenizer, metrics, log_rows,
+                            {"by": f"study cell {self.target} {_cell_name(cell)}", "mix_sha256": manifest["sha256"],
+                             "run_id": mlflow.active_run().info.run_id})
+                with tune.scoring(trainer.model) as model:
+                    scores = self.score(model)
+            return {**scores, "trained_tokens": metrics["trained_tokens"], "mix_sha256": manifest["sha256"],
                     "generalist_size": manifest["generalist_size"], "corrupted": manifest["corrupted"],
-                    "train_loss": trainer.state.log_history[-1].get("train_loss")}
+                    "train_loss": metrics["train_loss"], "adapter_key": k}
 
 
 def screen_cells(cfg: StudyConfig) -> list[dict]:

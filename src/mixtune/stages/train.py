@@ -64,9 +64,8 @@ def run(cfg: TrainConfig, model_cfg: ModelConfig, mix_dir: Path = Path("mix"), o
         if hit is not None and main:
             meta = trial.take(hit, out)
             metrics = json.loads((out / "metrics.json").read_text())
-            note = (f"reused search trial {meta['trial']} (share {manifest['generalist_share']:.2f}, search "
-                    f"{meta['search']}): it trained this mix (sha256 {manifest['sha256'][:12]}) with this training "
-                    "config and code, so its adapter is this stage's, not retrained")
+            note = (f"reused {meta['by']}: it trained this mix (sha256 {manifest['sha256'][:12]}) with this "
+                    "training config and code, so its adapter is this stage's, not retrained")
             print(f"train: {note}")
             with timer():
                 mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
