@@ -285,3 +285,36 @@ def test_answers_no_share_changes_are_computed_once(trained, monkeypatch, tiny_m
     # adapter again (same sha256), answered from the cache
     assert calls == [12, 10, 12, 10]
     assert (root / "eval_a" / "predictions.jsonl").read_bytes() == (root / "eval_c" / "predictions.jsonl").read_bytes()
+
+
+def test_generation_is_hf_greedy_example_by_example_with_rows_ending_at_different_steps(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mixtune.core.model import load_tokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model).eval(), load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights spread wide: at 0.02 every prompt's greedy answer is one token repeated
+        for name, w in model.named_parameters():
+            if "norm" not in name:
+                w.normal_(0, 0.5)
+    examples = [{"prompt": [{"role": "user", "content": " ".join(["word", "class"][i % 2] for i in range(n))}]}
+                for n in (1, 9, 3, 14, 5, 2)]
+
+    def greedy(ex, steps=8):  # HF generate on the example alone: no padding, no batch; -> its new tokens
+        ids = torch.tensor([score._prompt_ids(tok, ex["prompt"])])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return out[0, ids.shape[1]:].tolist()
+
+    # Make a token one answer produces early and another never the end token, so rows end at different steps.
+    free = [greedy(ex) for ex in examples]
+    end = next(t for s in free for t in s[1:4] if any(t not in other for other in free))
+    tok.eos_token = tok.convert_ids_to_tokens(end)
+    # the answer ends before its end token (a real one is a special token, which decoding skips; this one is not)
+    want = [tok.decode([t for t in greedy(ex) if t != end], skip_special_tokens=True).strip() for ex in examples]
+    lengths = [len(greedy(ex)) for ex in examples]
+    assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, some ran to max_new_tokens
+    assert score.generate(model, tok, examples, 6, 8, "fp32") == want  # one batch: finished rows leave it
+    assert score.generate(model, tok, examples, 4, 8, "fp32") == want  # two batches, by prompt length

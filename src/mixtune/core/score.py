@@ -141,22 +141,52 @@ def _common_prefix(rows: list[list[int]], limit: int) -> int:
 
 
 def generate(model, tokenizer, examples: list[dict], batch_size: int, max_new_tokens: int, prec: str) -> list[str]:
-    """Batched greedy generation: left padding, KV cache."""
+    """Batched greedy decoding with a KV cache. Prompts run in order of length (little padding), left-padded so
+    they end in the same column, and a row leaves the batch at its end token: the rest decode without it (HF's
+    `generate` keeps decoding a finished row until the whole batch ends). With SDPA attention, which reads the
+    cache's 3 key/value heads where eager attention first copies them out to 9: 16 answers of 128 tokens took
+    0.13 s a step against 0.17 (bench_eval; the same answers)."""
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        return _greedy(model, tokenizer, examples, batch_size, max_new_tokens, prec)
+    finally:
+        model.set_attn_implementation(attn)  # label scoring's 4D masks and training are measured with eager
+
+
+def _greedy(model, tokenizer, examples: list[dict], batch_size: int, max_new_tokens: int, prec: str) -> list[str]:
     import torch
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    texts: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        prompts = [_prompt_ids(tokenizer, ex["prompt"]) for ex in examples[start : start + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    prompts = [_prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in examples]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt's own positions; padding is masked out
+        live = torch.tensor(idx)  # the examples still decoding, in the batch's row order
         with torch.inference_mode(), _autocast(prec):
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [t.strip() for t in texts]
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache, last = out.past_key_values, pos[:, -1]
+            for step in range(max_new_tokens):
+                nxt = out.logits[:, -1].argmax(-1)
+                going = nxt != eos
+                for i, t in zip(live[going].tolist(), nxt[going].tolist()):
+                    answers[i].append(t)
+                if step == max_new_tokens - 1 or not going.any():
+                    break
+                if not going.all():  # finished rows leave the batch, and their cache with them
+                    keep = going.nonzero().squeeze(1)
+                    cache.batch_select_indices(keep)
+                    live, nxt, mask, last = live[going], nxt[keep], mask[keep], last[keep]
+                mask, last = torch.cat([mask, mask.new_ones(len(live), 1)], 1), last + 1
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
+                            past_key_values=cache, use_cache=True)
+    return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 
 def label_from_text(text: str, options: list[str]) -> str:
