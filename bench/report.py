@@ -16,9 +16,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-# Issue 11's targets. Training's MFU and scoring's utilisation are against the bf16 matmul ceiling measured in
-# the same run; memory and time are per stage of the default `make run`.
-SCORE_UTIL, STAGE_RSS_MB, MLFLOW_SHARE, PIPELINE_S = 0.60, 2048.0, 0.02, 600.0
+# Issue 26's targets, each against a baseline measured in the same run: training >= 5x a plain TRL script,
+# label scoring >= 16x per-option scoring, every stage of the default `make run` within 3 GB peak RSS. MFU and
+# utilisation (against the matmul ceilings measured in the same run) are shown, not targets.
+TRAIN_SPEEDUP, SCORE_SPEEDUP, STAGE_RSS_MB, MLFLOW_SHARE, PIPELINE_S = 5.0, 16.0, 3072.0, 0.02, 600.0
 
 
 def _load(name: str) -> dict | None:
@@ -71,8 +72,18 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
         row(f"training on {what}, non-padding tokens/s (median of {len(d['runs']['mixtune'])} runs of "
             f"{d['steps']} steps)", f"{tps['mixtune']:.0f} tokens/s, MFU {mfu['mixtune']:.0%}",
             f"plain TRL script: {tps['baseline']:.0f} tokens/s, MFU {mfu['baseline']:.0%}", f"{d['speedup']:.2f}x",
-            f"MFU >= {d['target_mfu']:.0%} (bf16 ceiling {d['bf16_matmul_gflops']:.0f} GFLOP/s, same run)",
-            mfu["mixtune"] >= d["target_mfu"])
+            f">= {TRAIN_SPEEDUP:.0f}x (bf16 ceiling {d['bf16_matmul_gflops']:.0f} GFLOP/s, same run)",
+            d["speedup"] >= TRAIN_SPEEDUP)
+
+    if (d := _load("memory")) is None:
+        missing("training memory", "python bench/bench_memory.py")
+    else:
+        for share, r in d["shares"].items():
+            b, m = r["baseline"], r["mixtune"]
+            row(f"training memory, share {float(share):.1f} ({d['steps']} steps, passes of <= {m['micro_tokens']} "
+                f"tokens)", f"{m['peak_rss_mb']:.0f} MB peak, {m['seconds']:.0f} s",
+                f"{d['baseline_rows']} rows a pass: {b['peak_rss_mb']:.0f} MB, {b['seconds']:.0f} s",
+                f"{r['speedup']:.2f}x the speed", f"<= {d['target_rss_mb']:.0f} MB, no slower", r["met"])
 
     if (d := _load("eval")) is None or "scoring" not in d:
         missing("scoring", "python bench/bench_eval.py")
@@ -80,14 +91,19 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
         s, n, g, c = d["scoring"], d["naive"], d["generation"], d["ceiling_gflops"]
         row(f"label scoring ({d['examples']} test articles, {d['tokens_per_example']:.0f} tokens each, fp32)",
             f"{s['seconds_per_example']:.3f} s/example", f"per-option scoring: {n['seconds_per_example']:.3f} s",
-            f"{d['speedup']:.1f}x", f"scores within 1e-4: {d['max_abs_difference']:.0e}",
-            d["max_abs_difference"] <= 1e-4)
+            f"{d['speedup']:.1f}x", f">= {SCORE_SPEEDUP:.0f}x, scores within 1e-4: {d['max_abs_difference']:.0e}",
+            d["speedup"] >= SCORE_SPEEDUP and d["max_abs_difference"] <= 1e-4)
         row(f"scoring utilisation (fp32 ceiling {c['fp32']:.0f}, bf16 {c['bf16']:.0f} GFLOP/s, same run)",
-            f"{s['utilisation']['bf16']:.0%} of bf16", f"{s['utilisation']['fp32']:.0%} of fp32", "",
-            f">= {SCORE_UTIL:.0%} of bf16", s["utilisation"]["bf16"] >= SCORE_UTIL)
+            f"{s['utilisation']['bf16']:.0%} of bf16", f"{s['utilisation']['fp32']:.0%} of fp32")
         row("scoring: peak RSS above the loaded model", f"{s['peak_rss_above_model_mb']:.0f} MB")
-        row("generation (greedy, generative tasks)", f"{g['seconds_per_example']:.3f} s/example",
-            "", "", f"{g['utilisation']['fp32']:.0%} of fp32, {g['utilisation']['bf16']:.0%} of bf16")
+        if "speedup" in g:
+            row(f"generation ({g['examples']} free-form questions, up to {g['max_new_tokens']} new tokens, greedy)",
+                f"{g['seconds_per_example']:.3f} s/example, {g['utilisation']['fp32']:.0%} of fp32",
+                f"HF generate in batches: {g['baseline_seconds_per_example']:.3f} s", f"{g['speedup']:.1f}x",
+                f">= {g['target_speedup']:.0f}x, same answers: {g['same_answers']} of {g['examples']}",
+                g["speedup"] >= g["target_speedup"] and g["same_answers"] == g["examples"])
+        else:
+            missing("generation against HF generate", "python bench/bench_eval.py")
 
     if (d := _load("search")) is None or "tasks" not in d:  # an older search's result measures another method
         missing("search against an 11-point grid", "python bench/bench_search.py")
