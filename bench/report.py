@@ -17,9 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 # Issue 26's targets, each against a baseline measured in the same run: training >= 5x a plain TRL script,
-# label scoring >= 16x per-option scoring, every stage of the default `make run` within 3 GB peak RSS. MFU and
-# utilisation (against the matmul ceilings measured in the same run) are shown, not targets.
-TRAIN_SPEEDUP, SCORE_SPEEDUP, STAGE_RSS_MB, MLFLOW_SHARE, PIPELINE_S = 5.0, 16.0, 3072.0, 0.02, 600.0
+# label scoring >= 16x per-option scoring. MFU and utilisation (against the matmul ceilings measured in the same
+# run) are shown, not targets. The stages' targets are in their result (bench_stages), generation's in eval.json.
+TRAIN_SPEEDUP, SCORE_SPEEDUP = 5.0, 16.0
 
 
 def _load(name: str) -> dict | None:
@@ -119,6 +119,7 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     if (d := _load("stages")) is None:
         missing("the default pipeline's stages", "make run && python bench/bench_stages.py")
     else:
+        rss_mb, mlflow_share, pipeline_s = (d["targets"][k] for k in ("peak_rss_mb", "mlflow_share", "total_seconds"))
         for stage, r in d["stages"].items():
             share, rss, secs = r.get("mlflow_share"), r.get("peak_rss_mb"), r.get("seconds")
             # register's work is MLflow's (logging and registering the model): its share is no overhead
@@ -127,10 +128,10 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
                 ", ".join(x for x in ("" if secs is None else f"{secs:.0f} s", f"{rss:.0f} MB peak" if rss else "")
                           if x),
                 "", f"MLflow {share:.1%}" if share is not None else "",
-                f"<= {STAGE_RSS_MB:.0f} MB" + (f", MLflow < {MLFLOW_SHARE:.0%}" if overhead else ""),
-                rss is not None and rss <= STAGE_RSS_MB and (not overhead or share < MLFLOW_SHARE))
+                f"<= {rss_mb:.0f} MB" + (f", MLflow < {mlflow_share:.0%}" if overhead else ""),
+                rss is not None and rss <= rss_mb and (not overhead or share < mlflow_share))
         row("`make run` after set-up (the stages above)", f"{d['total_seconds'] / 60:.1f} min", "", "",
-            f"<= {PIPELINE_S / 60:.0f} min", d["total_seconds"] <= PIPELINE_S)
+            f"<= {pipeline_s / 60:.0f} min", d["total_seconds"] <= pipeline_s)
     return out
 
 
