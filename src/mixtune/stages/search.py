@@ -5,9 +5,8 @@ A trial is the pipeline in small, mix -> train -> dev score (+ the forgetting pr
 under the search's run. Every trial runs to the end: a share is answered or not tried. The first `search.grid`
 trials are shares evenly spaced over the range, the pure specialist first; later ones (up to `n_trials`) come
 from Optuna's GPSampler, a Gaussian process fitted to the curve so far, which suits a 1-D, 6-20 trial search.
-Each trial's adapter goes to the trial cache (mixtune.core.trial), where the train stage finds it when the search's
-recommendation is a share a trial trained. The answer (core/search_answer.py): the near-optimal range and one share
-in it.
+Trial adapters go to the trial cache (mixtune.core.trial), where the train stage finds the recommended share's.
+The answer (core/search_answer.py): the near-optimal range and one share in it.
 
 The Optuna storage is search/optuna.journal, in the repository but not a DVC output, so a re-run continues the
 search and runs only the missing trials; or the database at `search.storage`, shared by `mixtune search
