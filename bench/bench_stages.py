@@ -22,6 +22,22 @@ STAGES = ("prepare", "search", "train", "evaluate", "register")
 TARGET_TOTAL_S, TARGET_RSS_MB, TARGET_MLFLOW_SHARE = 600.0, 3072.0, 0.02  # issues 24 and 26
 
 
+def heaviest_session(client, run, m: dict) -> tuple[float, float | None, dict]:
+    """-> (wall seconds, peak RSS MB, its metrics) of the session of `run` that used the most memory. A search
+    keeps one run across re-runs (`dvc repro` after a comment reopens it and trains nothing): each process logs
+    peak_rss_mb and mlflow_overhead_seconds as it ends, so those timestamps delimit the sessions, and the end
+    time minus the start time of a reopened run would count the days between them."""
+    rss = client.get_metric_history(run.info.run_id, "peak_rss_mb")
+    if len(rss) <= 1:
+        return (run.info.end_time - run.info.start_time) / 1000, m.get("peak_rss_mb"), m
+    rss = sorted(rss, key=lambda x: x.timestamp)
+    i = max(range(len(rss)), key=lambda j: rss[j].value)
+    begin = rss[i - 1].timestamp if i else run.info.start_time
+    over = {x.timestamp: x.value for x in client.get_metric_history(run.info.run_id, "mlflow_overhead_seconds")}
+    m = {"mlflow_overhead_seconds": over[rss[i].timestamp]} if rss[i].timestamp in over else {}
+    return (rss[i].timestamp - begin) / 1000, rss[i].value, m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tracking-uri", default=None)
@@ -46,15 +62,15 @@ def main() -> None:
             # calls. bench_data times the stage itself on the same inputs.
             data = RESULTS.parent / "data.json"
             wall = json.loads(data.read_text())["prepare"]["seconds"] if data.is_file() else None
-            share = None
+            share, rss = None, m.get("peak_rss_mb")
         elif run.data.tags.get("mixtune.reused_trial_run_id"):
             # train took a search trial's adapter: it trained nothing, its run is its MLflow calls (logging the
             # adapter), which are the stage's work, not overhead on it.
-            wall, share = (run.info.end_time - run.info.start_time) / 1000, None
+            wall, share, rss = (run.info.end_time - run.info.start_time) / 1000, None, m.get("peak_rss_mb")
         else:
-            wall = (run.info.end_time - run.info.start_time) / 1000
+            wall, rss, m = heaviest_session(client, run, m)
             share = m["mlflow_overhead_seconds"] / wall if wall and "mlflow_overhead_seconds" in m else None
-        rows[stage] = {"seconds": wall, "peak_rss_mb": m.get("peak_rss_mb"),
+        rows[stage] = {"seconds": wall, "peak_rss_mb": rss,
                        "reused_trial": bool(run.data.tags.get("mixtune.reused_trial_run_id")),
                        "mlflow_seconds": m.get("mlflow_overhead_seconds"), "mlflow_share": share,
                        "run_id": run.info.run_id}
