@@ -243,6 +243,25 @@ def test_micro_batches_train_as_one_pass_over_the_batch(tmp_path, monkeypatch, t
         assert all((w[k] - whole_w[k]).abs().max().item() <= 1e-5 for k in whole_w)
 
 
+def test_the_heap_is_trimmed_after_every_step_and_that_moves_no_number(tmp_path, monkeypatch, tiny_model):
+    """tune trims glibc's heap once a step (memory only): the same losses and adapter, bit for bit, as with
+    the trim left out."""
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    trims, real = [], tune.trim_heap
+    out = {}
+    for name, trim in (("trimmed", lambda: (trims.append(1), real())), ("untrimmed", lambda: None)):
+        monkeypatch.setattr(tune, "trim_heap", trim)
+        cfg = train_config(max_steps=5, batch_size=8, logging_steps=1, save_steps=100)
+        m = train.run(cfg, ModelConfig(base=str(tiny_model)), Path("mix"), tmp_path / name)
+        out[name] = (m["train_loss"], (tmp_path / name / "loss.csv").read_text(),
+                     (tmp_path / name / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert len(trims) == 5
+    assert out["trimmed"] == out["untrimmed"]
+
+
 def test_nan_loss_fails_the_run(tmp_path, monkeypatch, tiny_model):
     """A learning rate of 1e30 blows the weights up after the first update: the loss goes NaN for real."""
     uri = use_store(monkeypatch, tmp_path)
