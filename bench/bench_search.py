@@ -45,10 +45,19 @@ def workspace(task: str, max_steps: int | None) -> Path:
     from examples/trec and the default generalist pool, as the README's "Bring your own task" does)."""
     ws = REPO / ".cache" / "bench" / "search" / (task + (f"-smoke{max_steps}" if max_steps else ""))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["model"]["base"] = str(REPO / params["model"]["base"])
     if max_steps:
         params["train"]["max_steps"] = max_steps
     ws.mkdir(parents=True, exist_ok=True)
+    # model.base as params.yaml says it, through a link, so a trial's cache key is the one `make run` computes; the
+    # full-length benchmark shares the repository's trial cache (keyed by mix, config and code): a share make
+    # run's search trained is not trained again. A smoke run keeps its short trials to itself.
+    links = {"models": REPO / "models"} if max_steps else {"models": REPO / "models",
+                                                           ".cache/adapters": REPO / ".cache" / "adapters"}
+    (REPO / ".cache" / "adapters").mkdir(parents=True, exist_ok=True)
+    for name, target in links.items():
+        if not (ws / name).is_symlink():
+            (ws / name).parent.mkdir(parents=True, exist_ok=True)
+            (ws / name).symlink_to(target)
     if task == "trec":
         source = yaml.safe_load((REPO / "examples" / "trec" / "source.yaml").read_text())
         params["prepare"]["specialist"] = [source]
