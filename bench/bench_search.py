@@ -17,11 +17,15 @@ trains every trial N steps and keeps 20 dev and 20 test examples: a run of the b
 measurement (it writes nothing to bench/results).
 
     python bench/bench_search.py [--tasks bbc_news trec] [--smoke N]
+
+Writes bench/results/search.json (a run of one task keeps the other's result) and a chart per task,
+bench/results/search_<task>.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -161,13 +165,45 @@ def run_task(task: str, max_steps: int | None) -> dict:
     within = gap["high"] >= 0
     return {"task": task, "metric": metric, "grid": points, "grid_best_share": best_point["share"],
             "grid_best_test": best_point["test"],
-            "search": {"shares": [c["share"] for c in found["curve"]], "recommended_share": found["recommended_share"],
+            "search": {"shares": [c["share"] for c in found["curve"]],
+                       "dev": [c["dev"] for c in found["curve"]], "recommended_share": found["recommended_share"],
                        "near_optimal": found["near_optimal"], "test": cmp["search"]["value"],
                        "test_low": cmp["search"]["low"], "test_high": cmp["search"]["high"],
                        "answer": found["answer"], "seconds": search_seconds},
             "test_gap": {k: gap[k] for k in ("value", "low", "high")},
             "grid_tokens": grid_tokens, "search_tokens": search_tokens, "token_ratio": search_tokens / grid_tokens,
             "within_noise": within, "met": within and search_tokens / grid_tokens <= MAX_TOKEN_RATIO}
+
+
+def draw(t: dict, path: Path) -> None:
+    """The grid's dev and test curves with their 95% intervals, the search's near-optimal range shaded and its
+    recommended share's test score marked: the README's picture of whether the search answered right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g, se = t["grid"], t["search"]
+    x = [q["share"] for q in g]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.axvspan(se["near_optimal"][0] - 0.005, se["near_optimal"][1] + 0.005, color="tab:green", alpha=0.15,
+               label="search: near-optimal range (dev)")
+    for split, colour in (("dev", "tab:blue"), ("test", "tab:orange")):
+        ax.fill_between(x, [q[f"{split}_low"] for q in g], [q[f"{split}_high"] for q in g], color=colour, alpha=0.15)
+        ax.plot(x, [q[split] for q in g], "o-", color=colour, label=f"grid: {split} {t['metric']} (95% interval)")
+    if se.get("dev"):
+        ax.plot(se["shares"], se["dev"], "s", mfc="none", color="tab:purple", ms=9, label="search's trials: dev")
+    ax.errorbar([se["recommended_share"]], [se["test"]], yerr=[[se["test"] - se["test_low"]],
+                [se["test_high"] - se["test"]]], fmt="*", ms=14, color="tab:red", capsize=4,
+                label=f"search's pick r={se['recommended_share']:.2f}: test")
+    ax.set_xlabel("generalist share of the training set")
+    ax.set_ylabel(t["metric"])
+    ax.set_title(f"{t['task']}: the search against an 11-point grid")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -179,10 +215,9 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     from mixtune.plumbing.files import write_json
 
-    tasks = {task: run_task(task, args.smoke) for task in args.tasks}
-    result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "tasks": tasks,
-              "target": {"max_token_ratio": MAX_TOKEN_RATIO, "test_gap_interval_reaches": 0.0},
-              "met": all(t["met"] for t in tasks.values())}
+    tasks = {}
+    for task in args.tasks:
+        tasks[task] = run_task(task, args.smoke) | {"when": datetime.now(UTC).isoformat(timespec="seconds")}
     for name, t in tasks.items():
         print(f"{name}: grid best test {t['metric']} {t['grid_best_test']:.3f} at r={t['grid_best_share']:.1f}; "
               f"search recommends r={t['search']['recommended_share']:.2f}: test {t['search']['test']:.3f}, "
@@ -191,7 +226,15 @@ def main() -> None:
     if args.smoke:
         print("(a smoke run: nothing written to bench/results)")
         return
+    # One task at a time is ~1.5 h here: a run keeps the other task's result (each says when it was measured).
+    old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    tasks = old.get("tasks", {}) | tasks
+    result = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "tasks": tasks,
+              "target": {"max_token_ratio": MAX_TOKEN_RATIO, "test_gap_interval_reaches": 0.0},
+              "met": all(tasks.get(k, {}).get("met", False) for k in ("bbc_news", "trec"))}
     write_json(RESULTS, result)
+    for name, t in tasks.items():
+        draw(t, RESULTS.parent / f"search_{name}.png")
 
 
 if __name__ == "__main__":
