@@ -186,7 +186,7 @@ def draw(t: dict, path: Path) -> None:
     g, se = t["grid"], t["search"]
     x = [q["share"] for q in g]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    ax.axvspan(se["near_optimal"][0] - 0.005, se["near_optimal"][1] + 0.005, color="tab:green", alpha=0.15,
+    ax.axvspan(min(se["near_optimal"]) - 0.005, max(se["near_optimal"]) + 0.005, color="tab:green", alpha=0.15,
                label="search: near-optimal range (dev)")
     for split, colour in (("dev", "tab:blue"), ("test", "tab:orange")):
         ax.fill_between(x, [q[f"{split}_low"] for q in g], [q[f"{split}_high"] for q in g], color=colour, alpha=0.15)
