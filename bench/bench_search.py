@@ -199,7 +199,7 @@ def draw(t: dict, path: Path) -> None:
     ax.set_xlabel("generalist share of the training set")
     ax.set_ylabel(t["metric"])
     ax.set_title(f"{t['task']}: the search against an 11-point grid")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=100)
