@@ -13,7 +13,7 @@ once and counted in each arm, as each would pay for it alone. The full-length be
 after `make run` the search arm trains nothing (its `seconds_this_run` is then the re-reading; make run's search
 stage time is in bench_stages), and its tokens are still counted as the search paid them.
 
-Each task runs in .cache/bench/search/<task>/ (its own prepared data, Optuna storage, trial cache and MLflow
+Each task runs in .cache/bench/search/<task>/ (its own prepared data, Optuna storage, answers cache and MLflow
 store); an interrupted benchmark continues where it stopped (delete that folder to start over). `--smoke N`
 trains every trial N steps and keeps 20 dev and 20 test examples: a run of the benchmark's code in minutes, not a
 measurement (it writes nothing to bench/results).
