@@ -57,9 +57,10 @@ def workspace(task: str, max_steps: int | None) -> Path:
     # model.base as params.yaml says it, through a link, so a trial's cache key is the one `make run` computes; the
     # full-length benchmark shares the repository's trial cache (keyed by mix, config and code): a share make
     # run's search trained is not trained again. A smoke run keeps its short trials to itself.
-    links = {"models": REPO / "models"} if max_steps else {"models": REPO / "models",
-                                                           ".cache/adapters": REPO / ".cache" / "adapters"}
-    (REPO / ".cache" / "adapters").mkdir(parents=True, exist_ok=True)
+    links = {"models": REPO / "models"}
+    if not max_steps:
+        links[".cache/adapters"] = REPO / ".cache" / "adapters"
+        links[".cache/adapters"].mkdir(parents=True, exist_ok=True)
     for name, target in links.items():
         if not (ws / name).is_symlink():
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
