@@ -9,7 +9,10 @@ are the longest batches (the length-grouped sampler puts the longest first, so t
 top of the searched range (r=0.9: 576 generalist examples beside 64 task examples, the long rows) and the pure
 specialist (r=0: short rows), sampled by the mix stage from prepared/. Runs alternate baseline and mixtune.
 
-    python bench/bench_memory.py [--steps 8]
+Then oneDNN's kernel cache, which grows with the shapes a run has seen (so over more steps, `--cache-steps`):
+mixtune's bound (ONEDNN_PRIMITIVE_CACHE_CAPACITY=64, core/model.py) against oneDNN's default of 1024, r=0.9.
+
+    python bench/bench_memory.py [--steps 8] [--cache-steps 40]
 
 Writes bench/results/memory.json.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "memory.json"
 TARGET_RSS_MB = 3072.0  # issue 26: every stage of make run within 3 GB
 BASELINE_ROWS = 4
+ONEDNN_DEFAULT = "1024"  # oneDNN's own kernel cache capacity, the baseline of the cache comparison
 
 
 def train_once(method: str, share: float, steps: int) -> dict:
@@ -72,6 +77,7 @@ def train_once(method: str, share: float, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cache-steps", type=int, default=40)
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SHARE"), help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args()
     if args.one:
@@ -80,23 +86,41 @@ def main() -> None:
     runs = []
     for share in (0.9, 0.0):
         for method in ("baseline", "mixtune"):
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one", method, str(share)],
-                                 check=True, capture_output=True, text=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-            r = runs[-1]
-            print(f"r={share:g} {method}: {r['seconds']:.1f} s for {args.steps} steps, {r['peak_rss_mb']:.0f} MB peak",
-                  flush=True)
+            runs.append(child(method, share, args.steps))
+    cache = {"steps": args.cache_steps, "share": 0.9, "baseline_capacity": ONEDNN_DEFAULT,
+             "baseline": child("mixtune", 0.9, args.cache_steps, ONEDNN_DEFAULT),
+             "mixtune": child("mixtune", 0.9, args.cache_steps)}
+    b, m = cache["baseline"], cache["mixtune"]
+    cache.update(speedup=b["seconds"] / m["seconds"], saved_mb=b["peak_rss_mb"] - m["peak_rss_mb"],
+                 met=m["peak_rss_mb"] <= TARGET_RSS_MB and m["seconds"] <= b["seconds"] * 1.05)
     by = {(r["method"], r["share"]): r for r in runs}
     shares = {}
     for share in (0.9, 0.0):
         b, m = by[("baseline", share)], by[("mixtune", share)]
         shares[str(share)] = {"baseline": b, "mixtune": m, "speedup": b["seconds"] / m["seconds"],
                               "met": m["peak_rss_mb"] <= TARGET_RSS_MB and m["seconds"] <= b["seconds"] * 1.05}
-    result = {"steps": args.steps, "baseline_rows": BASELINE_ROWS, "target_rss_mb": TARGET_RSS_MB, "shares": shares}
+    result = {"steps": args.steps, "baseline_rows": BASELINE_ROWS, "target_rss_mb": TARGET_RSS_MB, "shares": shares,
+              "kernel_cache": cache}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: {"speedup": round(v["speedup"], 2), "peak_mb": round(v["mixtune"]["peak_rss_mb"]),
                           "baseline_peak_mb": round(v["baseline"]["peak_rss_mb"])} for k, v in shares.items()}))
+    print(f"kernel cache: {m['peak_rss_mb']:.0f} MB peak against {b['peak_rss_mb']:.0f} MB, {cache['speedup']:.2f}x")
+
+
+def child(method: str, share: float, steps: int, onednn_capacity: str | None = None) -> dict:
+    """One training run in a process of its own (its peak RSS its own; oneDNN reads its cache setting once)."""
+    env = dict(os.environ)
+    env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)  # mixtune's own bound unless the baseline's is asked for
+    if onednn_capacity:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = onednn_capacity
+    out = subprocess.run([sys.executable, __file__, "--steps", str(steps), "--one", method, str(share)],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    r["onednn_cache_capacity"] = onednn_capacity or "mixtune's"
+    print(f"r={share:g} {method}{' oneDNN cache ' + onednn_capacity if onednn_capacity else ''}: "
+          f"{r['seconds']:.1f} s for {steps} steps, {r['peak_rss_mb']:.0f} MB peak", flush=True)
+    return r
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
                 f"tokens)", f"{m['peak_rss_mb']:.0f} MB peak, {m['seconds']:.0f} s",
                 f"{d['baseline_rows']} rows a pass: {b['peak_rss_mb']:.0f} MB, {b['seconds']:.0f} s",
                 f"{r['speedup']:.2f}x the speed", f"<= {d['target_rss_mb']:.0f} MB, no slower", r["met"])
+        if (c := d.get("kernel_cache")) is not None:
+            b, m = c["baseline"], c["mixtune"]
+            row(f"training memory, share {c['share']:.1f} ({c['steps']} steps): oneDNN's kernel cache bounded",
+                f"{m['peak_rss_mb']:.0f} MB peak, {m['seconds']:.0f} s",
+                f"oneDNN's default ({c['baseline_capacity']} kernels): {b['peak_rss_mb']:.0f} MB, {b['seconds']:.0f} s",
+                f"{c['speedup']:.2f}x the speed", f"<= {d['target_rss_mb']:.0f} MB, no slower", c["met"])
 
     if (d := _load("eval")) is None or "scoring" not in d:
         missing("scoring", "python bench/bench_eval.py")

@@ -262,6 +262,40 @@ def test_the_heap_is_trimmed_after_every_step_and_that_moves_no_number(tmp_path,
     assert out["trimmed"] == out["untrimmed"]
 
 
+def test_the_onednn_kernel_cache_is_bounded_and_a_rebuilt_kernel_trains_bit_for_bit_alike(tmp_path, tiny_model):
+    """mixtune bounds oneDNN's per-shape kernel cache (memory only; a user's own setting wins): bf16 training on
+    rows of varying lengths, each micro-batch a new shape, gives the same losses and adapter bytes with a cache of
+    one kernel (every kernel rebuilt) as with oneDNN's default of 1024 (none rebuilt). In processes of their own:
+    oneDNN reads the setting once, at its first kernel."""
+    script = (
+        "import json, os, sys, torch; from pathlib import Path;"
+        "from mixtune.core import tune; from mixtune.core.model import load_tokenizer;"
+        "from mixtune.plumbing.files import read_jsonl; sys.path.insert(0, sys.argv[2]); from workspace import train_config;"
+        "torch.manual_seed(0); base = sys.argv[1];"
+        "cfg = train_config(max_steps=4, batch_size=8, micro_tokens=64, logging_steps=1);"
+        "t = tune.tuner(cfg, base, read_jsonl(Path('mix/train.jsonl')), Path('out'), 'bf16', load_tokenizer(base));"
+        "t.train(); tune.save_adapter(t.model, t.processing_class, Path('adapter'));"
+        "print(json.dumps([os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'],"
+        " [e['loss'] for e in t.state.log_history if 'loss' in e]]))")
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    tests = str(Path(__file__).parent)
+    out = {}
+    for capacity in ("1", "1024", None):
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+        if capacity:
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
+        env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        shutil.rmtree(tmp_path / "adapter", ignore_errors=True)
+        done = subprocess.run([sys.executable, "-c", script, str(tiny_model), tests], cwd=tmp_path, env=env,
+                              check=True, capture_output=True, text=True)
+        seen, losses = json.loads(done.stdout.strip().splitlines()[-1])
+        out[capacity] = seen, losses, (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert out[None][0] == "64" and out["1"][0] == "1" and out["1024"][0] == "1024"
+    assert len(out["1"][1]) == 4
+    assert out["1"][1:] == out["1024"][1:] == out[None][1:]
+
+
 def test_nan_loss_fails_the_run(tmp_path, monkeypatch, tiny_model):
     """A learning rate of 1e30 blows the weights up after the first update: the loss goes NaN for real."""
     uri = use_store(monkeypatch, tmp_path)
