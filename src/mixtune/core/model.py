@@ -7,8 +7,8 @@ from pathlib import Path
 
 from mixtune.plumbing.errors import MixtuneError, first_line
 
-# oneDNN (bf16 matmuls on a CPU) compiles and caches a kernel, with its buffers, per input shape, 1024 of them by
-# default, and never frees one; training rows of varying lengths make a new shape nearly every micro-batch. The
+# oneDNN (bf16 matmuls on a CPU) compiles and caches a kernel, with its buffers, per input shape, and evicts one
+# only past 1024 of them by default; training rows of varying lengths make a new shape nearly every micro-batch. The
 # r=0.9 mix, 40 steps: 1,956 MB resident after a step and 3,466 MB peak with the default, 1,637 and 2,946 MB
 # with 64, at the same speed (a kernel compiles in about a millisecond) and the same losses; a kernel rebuilt is
 # the same kernel (test_train). Read by oneDNN at its first kernel, so set here, before any model loads; a
