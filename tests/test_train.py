@@ -571,6 +571,39 @@ def test_a_trained_model_is_scored_as_evaluate_scores_its_saved_adapter(tmp_path
     assert max(abs(x - y) for w, e in zip(through_wrapper, as_evaluated) for x, y in zip(w, e)) > 1e-4
 
 
+def test_bf16_training_holds_no_page_of_the_checkpoint(tmp_path, monkeypatch, tiny_model):
+    """from_pretrained maps the checkpoint file; with bf16 held weights, no parameter stays in that mapping, so the
+    fp32 Linear weights that casting read are not resident through training (the search's peak), and scoring
+    maps the file only while it scores. Checked by breaking it: without the clone of the other frozen weights
+    the mapping stays."""
+    import gc
+    import shutil
+
+    from mixtune.core.model import load_tokenizer
+    from mixtune.plumbing.files import read_jsonl
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")  # a path no other test's model maps
+    checkpoint = str(model / "model.safetensors")
+
+    def mapped() -> bool:
+        gc.collect()
+        return checkpoint in Path("/proc/self/maps").read_text()
+
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    trainer = tune.tuner(train_config(max_steps=1), str(model), read_jsonl(tmp_path / "mix" / "train.jsonl"),
+                         tmp_path / "out", "bf16", load_tokenizer(str(model)))
+    assert not mapped()
+    with tune.scoring(trainer.model):
+        assert mapped()
+    assert not mapped()
+    fp32 = tune.tuner(train_config(max_steps=1), str(model), read_jsonl(tmp_path / "mix" / "train.jsonl"),
+                      tmp_path / "out32", "fp32", load_tokenizer(str(model)))
+    assert mapped()  # the fp32 weights are the file's pages: nothing to hold twice
+    del fp32
+
+
 def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, monkeypatch, tiny_model):
     """bf16 on a CPU holds the frozen Linear weights in bf16 (autocast's rounding, done once instead of at every
     use): the same losses and the same adapter, bit for bit, as autocast over fp32 weights, and a search trial
@@ -578,7 +611,7 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
     the same bf16 numbers. Checked by breaking it: casting the tied embedding too moved the losses."""
     import torch
 
-    from mixtune.core.model import load_tokenizer
+    from mixtune.core.model import load_base, load_tokenizer
     from mixtune.plumbing.files import read_jsonl
 
     use_store(monkeypatch, tmp_path)
@@ -587,23 +620,27 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
     examples = read_jsonl(tmp_path / "mix" / "train.jsonl")
     tokenizer = load_tokenizer(str(tiny_model))
     cfg = train_config(max_steps=6, batch_size=8, micro_tokens=128, logging_steps=1)
+    original = load_base(str(tiny_model)).state_dict()
     runs_ = {}
     for held in (True, False):
         torch.manual_seed(0)
         trainer = tune.tuner(cfg, str(tiny_model), examples, tmp_path / f"out-{held}", "bf16", tokenizer)
-        weights = trainer.model.__dict__[tune.FP32_HELD]
+        base, weights = trainer.model.__dict__[tune.BF16_HELD]
         linear = trainer.model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
+        assert base == str(tiny_model)
         assert len(weights) == 7 * len(trainer.model.base_model.model.model.layers)  # the 7 projections a layer
         assert linear.dtype == torch.bfloat16
+        assert all(bf16.dtype == torch.bfloat16 for _, _, bf16 in weights)  # no fp32 copy kept through training
         assert trainer.model.get_input_embeddings().weight.dtype == torch.float32  # tied to the LM head: kept
         if not held:  # autocast over the fp32 weights, as before
-            for w, fp32, _ in weights:
-                w.data = fp32
-            trainer.model.__dict__[tune.FP32_HELD] = []
+            for w, name, _ in weights:
+                w.data = original[name]
+            trainer.model.__dict__[tune.BF16_HELD] = (base, [])
         trainer.train()
         with tune.scoring(trainer.model) as model:
-            scored_dtype = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight.dtype
-        assert scored_dtype == torch.float32
+            scored = model.base_model.model.model.layers[0].mlp.down_proj.base_layer.weight
+            assert torch.equal(scored, original["model.layers.0.mlp.down_proj.weight"])  # the base's fp32, read again
+        assert linear.dtype == (torch.bfloat16 if held else torch.float32)  # and what training holds after it
         lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
         runs_[held] = [e["loss"] for e in trainer.state.log_history if "loss" in e], lora
     (held_losses, held_lora), (plain_losses, plain_lora) = runs_[True], runs_[False]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mixtune.core import metrics as M
+from mixtune.core.model import release_memory
 from mixtune.plumbing import lineage
 from mixtune.plumbing.config import MixConfig
 from mixtune.plumbing.errors import MixtuneError
@@ -70,6 +71,7 @@ class Cells:
                               tags={"mixtune.stage": "study-cell", "mixtune.target": self.target}) as run:
             mlflow.log_params(cell)
             result = self._base() if cell.get("base") else self._tuned(cell)
+            release_memory()  # the cell's model, in a reference cycle: not beside the next cell's (as search.py)
             result.update(cell, seconds=time.perf_counter() - t, run_id=run.info.run_id)
             mlflow.log_metrics({f"{s}.score": result[s]["score"] for s in ("dev", "test")}
                                | {"trained_tokens": result.get("trained_tokens", 0), "seconds": result["seconds"]})
