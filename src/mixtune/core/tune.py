@@ -298,8 +298,8 @@ def scoring(model):
     score it: with bf16 or fp16, accelerate wraps the model's forward in autocast (kept as `_original_forward`);
     through that wrapper a search trial's dev answers and probe were bf16's (on the default, 4 of 50 probe
     answers differed from the saved adapter's, scored in fp32 by evaluate). Frozen weights held in bf16 for
-    training (`hold_frozen_bf16`) are their fp32 originals, read again from the base model, while scoring (about
-    0.3 s). Training resumes as it was."""
+    training (`hold_frozen_bf16`) are their fp32 originals, read again from the base model, while scoring (0.15 s
+    for the default, its file in the page cache). Training resumes as it was."""
     original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
     base, held = model.__dict__.get(BF16_HELD, (None, ()))
     if held:
