@@ -99,6 +99,32 @@ def test_score_options_equals_naive_log_likelihood(tiny_model, scoring_examples,
         assert score.answer(model, tokenizer, [ex], cfg)[1][0] == pytest.approx(t, abs=1e-5)
 
 
+def test_long_rows_score_in_smaller_batches(tiny_model, scoring_examples, monkeypatch):
+    """A batch holds at most batch_size x ROW_TOKENS tokens of prompts and options (the probe's longest
+    questions took 1.1-1.4 GB above the model as one batch of 16): long rows go fewer to a batch, and the
+    scores are those of one batch."""
+    from mixtune.core.model import load_base, load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(tiny_model)), load_base(str(tiny_model)).eval()
+    examples = scoring_examples
+    rows = [len(score._prompt_ids(tokenizer, ex["prompt"]))
+            + sum(len(score._option_ids(tokenizer, ex["prompt"], score._prompt_ids(tokenizer, ex["prompt"]), o))
+                  for o in ex["options"]) for ex in examples]
+    seen = []  # the rows of each scoring forward (not the shared prefix's, which runs without a mask)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: seen.append(kw["input_ids"].shape[0]) if kw.get("attention_mask") is not None else None,
+        with_kwargs=True)
+    whole = score.score_options(model, tokenizer, examples, batch_size=16, prec="fp32")
+    assert seen == [len(examples)]  # short rows: one batch
+    seen.clear()
+    monkeypatch.setattr(score, "ROW_TOKENS", -(-2 * max(rows) // 16))  # room for two of the longest rows a batch
+    split = score.score_options(model, tokenizer, examples, batch_size=16, prec="fp32")
+    hook.remove()
+    assert sum(seen) == len(examples) and 1 < len(seen) < len(examples)  # some rows went two to a batch
+    for s, w in zip(split, whole):
+        assert s == pytest.approx(w, abs=1e-5)
+
+
 # --- the stage -------------------------------------------------------------------------------------------------
 
 

@@ -201,6 +201,7 @@ def test_micro_batches_fill_the_token_budget_in_order():
     assert tune.micro_batches([64] * 8, 512) == [(0, 8)]
     assert tune.micro_batches([64] * 8, 511) == [(0, 7), (7, 8)]
     assert tune.micro_batches([], 512) == []
+    assert tune.micro_batches([64] * 8, 10**6, max_rows=3) == [(0, 3), (3, 6), (6, 8)]  # scoring's batch size
 
 
 def test_micro_batches_train_as_one_pass_over_the_batch(tmp_path, monkeypatch, tiny_model):

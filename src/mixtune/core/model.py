@@ -134,3 +134,21 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+
+def micro_batches(lengths: list[int], budget: int, max_rows: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive spans [i, j) of rows, each as many rows as fit `budget` padded tokens (rows x the longest of
+    them) and at most `max_rows`, at least one row each: a forward pass's activations scale with its padded
+    tokens, so a budget in tokens bounds memory whatever the rows' lengths (training's passes, scoring's
+    batches)."""
+    spans, i = [], 0
+    while i < len(lengths):
+        j, longest = i + 1, lengths[i]
+        while (j < len(lengths) and (max_rows is None or j - i < max_rows)
+               and (j + 1 - i) * max(longest, lengths[j]) <= budget):
+            longest = max(longest, lengths[j])
+            j += 1
+        spans.append((i, j))
+        i = j
+    return spans

@@ -17,7 +17,7 @@ import contextlib
 import numpy as np
 
 from mixtune.core import metrics as M
-from mixtune.core.model import release_memory
+from mixtune.core.model import micro_batches, release_memory, trim_heap
 
 METRICS = ("accuracy", "macro_f1", "exact_match", "token_f1", "rouge_l")
 _PER_EXAMPLE = {"accuracy": M.exact_match, "exact_match": M.exact_match, "token_f1": M.token_f1,
@@ -63,6 +63,14 @@ def _option_ids(tokenizer, prompt: list[dict], prompt_ids: list[int], option: st
     return full[len(prompt_ids):]
 
 
+# A scoring batch holds at most batch_size x ROW_TOKENS tokens (prompts and options; rows sorted by length): 16
+# rows of the default's articles (<= 205 tokens) in one batch, but the probe's longest 16 questions (<= 343
+# tokens, with long options) are split. As one batch they took 1.1-1.4 GB above the model for a second, the
+# search's peak (3.3 GB: its last trial's probe), since eager attention's scores grow with rows x length^2 and
+# the kept logits with rows x option tokens x the vocabulary.
+ROW_TOKENS = 192
+
+
 def score_options(model, tokenizer, examples: list[dict], batch_size: int, prec: str) -> list[list[float]]:
     """Log-likelihood of each option of each example, in one forward pass per batch. The batch's common prefix
     (the system prompt and the task's instruction: ~30 of ~140 tokens on the default) runs once, as a cache;
@@ -70,19 +78,22 @@ def score_options(model, tokenizer, examples: list[dict], batch_size: int, prec:
     by all its options side by side, and a 4D attention mask lets each option's tokens see the prompt and their
     own earlier tokens only. So the prompt runs once and no KV cache is copied per option (the cache of a
     16-article batch repeated for 5 options held 0.7 GB). Positions are each example's own: the padding between
-    the prefix and the rest of a prompt shifts nothing, and every option starts where its prompt ends."""
+    the prefix and the rest of a prompt shifts nothing, and every option starts where its prompt ends.
+    A batch is `batch_size` rows or fewer: at most `batch_size` x ROW_TOKENS tokens of prompts and options."""
     import torch
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     all_prompts = [_prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
+    all_options = [[_option_ids(tokenizer, ex["prompt"], p, o) for o in ex["options"]]
+                   for ex, p in zip(examples, all_prompts)]
     order = sorted(range(len(examples)), key=lambda i: len(all_prompts[i]))  # similar lengths: little padding
+    rows = [len(all_prompts[i]) + sum(map(len, all_options[i])) for i in order]
     scores: list[list[float]] = [[] for _ in examples]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for start, end in micro_batches(rows, batch_size * ROW_TOKENS, max_rows=batch_size):
+        idx = order[start:end]
         prompts = [all_prompts[i] for i in idx]
-        options = [[_option_ids(tokenizer, examples[i]["prompt"], p, o) for o in examples[i]["options"]]
-                   for i, p in zip(idx, prompts)]
+        options = [all_options[i] for i in idx]
         shared = _common_prefix(prompts, max(0, min(map(len, prompts)) - 1))  # the last prompt token stays
         width = max(map(len, prompts)) - shared
         tail = max(sum(map(len, opts)) for opts in options)
@@ -129,6 +140,8 @@ def score_options(model, tokenizer, examples: list[dict], batch_size: int, prec:
                 row.append(first + rest.sum().item())
                 c += len(o)
             scores[idx[r]] = row
+        del out, logp, cache
+        trim_heap()  # each batch has other shapes: their freed memory, kept by malloc, piled up batch on batch
     return scores
 
 
@@ -186,6 +199,8 @@ def _greedy(model, tokenizer, examples: list[dict], batch_size: int, max_new_tok
                 mask, last = torch.cat([mask, mask.new_ones(len(live), 1)], 1), last + 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
                             past_key_values=cache, use_cache=True)
+        del out, cache
+        trim_heap()  # as in score_options
     return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
 

@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from mixtune.core.model import load_base, load_tokenizer, trim_heap
+from mixtune.core.model import load_base, load_tokenizer, micro_batches, trim_heap
 from mixtune.plumbing.config import TrainConfig
 from mixtune.plumbing.errors import MixtuneError
 from mixtune.plumbing.files import atomic_dir
@@ -117,21 +117,6 @@ def _trainer_class():
             return loss
 
     return CompletionTrainer
-
-
-
-def micro_batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive spans [i, j) of rows, each as many rows as fit `budget` padded tokens (rows x the longest of
-    them), at least one row each."""
-    spans, i = [], 0
-    while i < len(lengths):
-        j, longest = i + 1, lengths[i]
-        while j < len(lengths) and (j + 1 - i) * max(longest, lengths[j]) <= budget:
-            longest = max(longest, lengths[j])
-            j += 1
-        spans.append((i, j))
-        i = j
-    return spans
 
 
 
@@ -258,13 +243,12 @@ def hold_frozen_bf16(model, base: str) -> int:
 
     tied = model.get_input_embeddings().weight
     held = []
-    for name, w in model.get_base_model().named_parameters():
-        if w.requires_grad or w is tied or w.dtype != torch.float32:
+    for name, module in model.get_base_model().named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or w.requires_grad or w is tied or w.dtype != torch.float32:
             continue
-        module = model.get_base_model().get_submodule(name.rsplit(".", 1)[0])
-        if isinstance(module, torch.nn.Linear):
-            w.data = w.data.to(torch.bfloat16)
-            held.append((w, name.replace(".base_layer.", "."), w.data))  # its name in the base model's checkpoint
+        w.data = w.data.to(torch.bfloat16)
+        held.append((w, f"{name}.weight".replace(".base_layer.", "."), w.data))  # its name in the checkpoint
     # The other frozen weights (the embedding, the norms) out of the checkpoint's memory map, where from_pretrained
     # leaves them: while one of them is in it the mapping stays, and with it every page of the file that casting
     # read, the fp32 Linear weights included (resident: 990 -> 693 MB for the default model).
