@@ -65,9 +65,9 @@ def _option_ids(tokenizer, prompt: list[dict], prompt_ids: list[int], option: st
 
 # A scoring batch holds at most batch_size x ROW_TOKENS tokens (prompts and options; rows sorted by length): 16
 # rows of the default's articles (<= 205 tokens) in one batch, but the probe's longest 16 questions (<= 343
-# tokens, with long options) are split. As one batch they took 1.1-1.4 GB above the model for a second, the
-# search's peak (3.3 GB: its last trial's probe), since eager attention's scores grow with rows x length^2 and
-# the kept logits with rows x option tokens x the vocabulary.
+# tokens, with long options) are split: as one batch they took 1.1-1.4 GB above the model for a second (eager
+# attention's scores grow with rows x length^2, the kept logits with rows x option tokens x the vocabulary), the
+# peak of evaluate (2,414 -> 2,050 MB) and of a trial's scoring. The search's peak is its training's.
 ROW_TOKENS = 192
 
 
