@@ -98,6 +98,7 @@ def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussia
         assert t.user_attrs["dev_low"] <= t.value == t.user_attrs["dev_metric"] <= t.user_attrs["dev_high"]
         assert len(t.user_attrs["dev_predictions"]) == 12  # every dev example, scored
         assert len(t.user_attrs["probe"]) == 8  # the same 8 held-out generalist questions for every trial
+        assert t.user_attrs["steps"] == 4  # train.max_steps: every share trains the same steps here
         assert (Path(t.user_attrs["adapter"]) / "adapter_config.json").is_file()
         assert Path(t.user_attrs["adapter"]).parent.parent == project / ".cache" / "adapters"  # the trial cache
         dev = [json.loads(line) for line in open(project / "prepared" / "specialist" / "dev.jsonl")]
@@ -118,6 +119,7 @@ def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussia
     assert (best["near_optimal_low"], best["near_optimal_high"]) == (min(best["near_optimal"]),
                                                                      max(best["near_optimal"]))
     assert best["best_share_low"] <= best["best_trial_share"] <= best["best_share_high"]
+    assert [c["steps"] for c in best["curve"]] == [4, 4, 4] and best["longer_than_specialist"] is False
     share = best["recommended_share"]
     assert best["answer"].startswith(f"For {sp.TASK} at 16 examples, ")
     if share > 0:
@@ -141,7 +143,7 @@ def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussia
     rows = list(csv.DictReader(open(project / "search" / "trials.csv")))
     assert [r["trial"] for r in rows] == ["0", "1", "2"]
     assert list(rows[0]) == ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "near_optimal",
-                             "forgetting", "trained_tokens"]
+                             "forgetting", "trained_tokens", "steps"]
     assert [float(r["share"]) for r in rows] == GRID and {r["state"] for r in rows} == {"COMPLETE"}
     assert [float(r["share"]) for r in rows if r["near_optimal"] == "1"] == best["near_optimal"]
     assert [float(r["dev_metric"]) for r in rows] == [t.value for t in trials]
@@ -465,9 +467,9 @@ def _right(dev: list[dict], k: int) -> list[str]:
     return [ex["completion"] if i < k else ("b" if ex["completion"] == "a" else "a") for i, ex in enumerate(dev)]
 
 
-def _study(points: list[tuple[float, int, str]], base_probe: str = "1111111111"):
-    """An in-memory study of completed trials (share, right answers of 200, probe bits), as the search records
-    them; `recommend` reads nothing else."""
+def _study(points: list[tuple[float, int, str]], base_probe: str = "1111111111", steps: list[int] | None = None):
+    """An in-memory study of completed trials (share, right answers of 200, probe bits; optimizer steps), as the
+    search records them; `recommend` reads nothing else."""
     import optuna
 
     dev = _dev()
@@ -480,14 +482,15 @@ def _study(points: list[tuple[float, int, str]], base_probe: str = "1111111111")
         study.add_trial(optuna.trial.create_trial(
             params={"generalist_share": share}, distributions=dist, value=k / len(dev),
             user_attrs={"dev_predictions": _right(dev, k), "probe": probe, "adapter": f"/a/{n}",
-                        "adapter_uri": f"runs:/r{n}/adapter", "trained_tokens": 10}))
+                        "adapter_uri": f"runs:/r{n}/adapter", "trained_tokens": 10,
+                        "steps": steps[n] if steps else 24}))
     return study, dev
 
 
-def _recommend(points, metric="accuracy", base_probe="1111111111", **search_keys):
+def _recommend(points, metric="accuracy", base_probe="1111111111", steps=None, **search_keys):
     from mixtune.core import score
 
-    study, dev = _study(points, base_probe)
+    study, dev = _study(points, base_probe, steps)
     cfg = sp.load_section_with(search={"metric": metric, "max_share": 0.5, "n_trials": 6, "grid": 6, **search_keys})
     return search.recommend(study, score.Scorer(dev, metric), cfg, 300)
 
@@ -502,6 +505,24 @@ def test_a_rising_curve_recommends_the_top_and_says_to_widen_the_range():
                                   "generalist tokens among the shares within noise of the best (near-optimal range "
                                   "r in [0.50, 0.50], 1 of 3 shares); dev accuracy +0.350 [")
     assert "it is at the top of the searched range (search.max_share=0.5): widen it." in r["answer"]
+    assert r["longer_than_specialist"] is False and "optimizer steps" not in r["answer"]  # all trained 24 steps
+
+
+def test_a_share_that_trained_longer_than_the_pure_specialist_says_so_and_how_to_check_it():
+    """train.epochs over each mix: r=0.5 trains twice the pure specialist's steps, and the answer names the run
+    that trains the pure specialist as long (the default's r=0.9 trained 240 steps against 24, and lost to it)."""
+    r = _recommend([(0.0, 100, "1111100000"), (0.25, 110, "1111100000"), (0.5, 170, "1111100000")],
+                   steps=[24, 32, 48])
+    assert r["recommended_share"] == 0.5 and r["longer_than_specialist"] is True
+    assert (r["specialist_steps"], r["recommended_steps"]) == (24, 48)
+    assert [c["steps"] for c in r["curve"]] == [24, 32, 48]
+    assert "; it is at the top of the searched range (search.max_share=0.5): widen it. r=0.50 trained 48 optimizer " \
+           "steps, the pure specialist 24: part of its gain may be the longer training, not the generalist data; " \
+           "compare it with the pure specialist trained as long: dvc exp run --temp -S train.max_steps=48 -S " \
+           "search.grid=1 -S search.n_trials=1. Held-out" in r["answer"]
+    flat = _recommend([(0.0, 120, "1111100000"), (0.5, 122, "1111111111")], steps=[24, 48])
+    assert flat["recommended_share"] == 0.0 and flat["longer_than_specialist"] is False  # r=0 recommended: nothing
+    assert "optimizer steps" not in flat["answer"]
 
 
 # Up, then flat, then down (right answers of 200): 0.1, 0.25 and 0.4 differ by 2-3 examples, within noise.

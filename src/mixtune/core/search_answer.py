@@ -23,7 +23,7 @@ from mixtune.plumbing.errors import MixtuneError
 from mixtune.plumbing.search_storage import count, share_of
 
 CSV_FIELDS = ["trial", "size", "share", "state", "dev_metric", "dev_low", "dev_high", "near_optimal", "forgetting",
-              "trained_tokens"]
+              "trained_tokens", "steps"]
 
 
 def forgetting_of(t, base_probe: str | None) -> float | None:
@@ -123,6 +123,13 @@ def recommend(study, scorer, cfg, resamples: int) -> dict:
                f"the best share lies in [{best_share_low:.2f}, {best_share_high:.2f}])")
     if shares[best] >= cfg.max_share and len(done) > 1:
         answer += f"; it is at the top of the searched range (search.max_share={cfg.max_share}): widen it"
+    steps = [t.user_attrs.get("steps") for t in done]
+    longer = pick is not None and rec > 0 and None not in (steps[0], steps[rec]) and steps[rec] > steps[0]
+    if longer:  # train.epochs over each mix: a larger share is also more optimizer steps (README, "The answer")
+        answer += (f". r={shares[rec]:.2f} trained {steps[rec]} optimizer steps, the pure specialist {steps[0]}: part "
+                   f"of its gain may be the longer training, not the generalist data; compare it with the pure "
+                   f"specialist trained as long: dvc exp run --temp -S train.max_steps={steps[rec]} -S search.grid=1 "
+                   f"-S search.n_trials=1")
     if forgetting[rec] is not None:
         answer += (f". Held-out generalist accuracy lost against the base model: {forgetting[rec]:+.2f} at "
                    f"r={shares[rec]:.2f}" + (f", {forgetting[0]:+.2f} for the pure specialist" if rec else ""))
@@ -136,7 +143,8 @@ def recommend(study, scorer, cfg, resamples: int) -> dict:
         "recommended_share": float(shares[rec]) if pick is not None else 0.0,
         "dev_gain": float(values[rec] - values[0]), "dev_gain_low": g_low, "dev_gain_high": g_high,
         "forgetting": forgetting[rec], "specialist_forgetting": forgetting[0],
-        "specialist_trial": done[0].number, "specialist_dev": float(values[0]),
+        "specialist_trial": done[0].number, "specialist_dev": float(values[0]), "specialist_steps": steps[0],
+        "recommended_steps": steps[rec] if pick is not None else steps[0], "longer_than_specialist": longer,
         "specialist_adapter": done[0].user_attrs["adapter"],
         "specialist_adapter_uri": done[0].user_attrs["adapter_uri"],
         "recommended_trial": done[rec].number, "recommended_adapter": done[rec].user_attrs["adapter"],
@@ -147,7 +155,8 @@ def recommend(study, scorer, cfg, resamples: int) -> dict:
         "smallest_share_within_max_forgetting": within,
         "curve": [{"share": float(shares[i]), "trial": done[i].number, "dev": float(values[i]), "low": band[i][0],
                    "high": band[i][1], "forgetting": forgetting[i],
-                   "trained_tokens": done[i].user_attrs.get("trained_tokens")} for i in range(len(done))],
+                   "trained_tokens": done[i].user_attrs.get("trained_tokens"), "steps": steps[i]}
+                  for i in range(len(done))],
         "trained_tokens_total": sum(t.user_attrs.get("trained_tokens", 0) for t in study.trials),
         "trials": {s.name.lower(): count(study, (s,)) for s in (TrialState.COMPLETE, TrialState.FAIL)},
         "answer": answer}
@@ -164,7 +173,7 @@ def trial_rows(study, summary: dict | None = None) -> list[dict]:
                      "dev_high": a.get("dev_high"),
                      "near_optimal": int(share_of(t) in near) if t.state.name == "COMPLETE" else None,
                      "forgetting": forgetting_of(t, base_probe) if a.get("probe") else None,
-                     "trained_tokens": a.get("trained_tokens")})
+                     "trained_tokens": a.get("trained_tokens"), "steps": a.get("steps")})
     return rows
 
 

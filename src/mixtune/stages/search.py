@@ -126,8 +126,9 @@ class _Trials:
             from mixtune.core.model import load_adapter, load_base
 
             stored, meta = hit, json.loads((hit / "meta.json").read_text())
-            tokens = json.loads((hit / "metrics.json").read_text())["trained_tokens"]
-            trial.set_user_attr("trained_tokens", tokens)
+            done = json.loads((hit / "metrics.json").read_text())
+            tokens = done["trained_tokens"]
+            _set_attrs(trial, {"trained_tokens": tokens, "steps": done["steps"]})
             model = load_adapter(load_base(self.base), hit / "adapter")
             with self.timer():
                 mlflow.set_tag("mixtune.reused_trial_run_id", meta["run_id"])
@@ -172,7 +173,7 @@ class _Trials:
             result = trainer.train()
         finally:  # a failed trial's compute counts too
             tokens = tune.trained_tokens(trainer)
-            trial.set_user_attr("trained_tokens", tokens)
+            _set_attrs(trial, {"trained_tokens": tokens, "steps": trainer.state.global_step})
             with self.timer():
                 mlflow.log_metrics({"trained_tokens": tokens, "steps": trainer.state.global_step})
             release_memory()  # what training freed, before scoring and the next trial
