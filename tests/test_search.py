@@ -553,6 +553,29 @@ def test_least_forgetting_picks_another_share_of_the_same_range():
     assert "use a generalist share of r=0.40: the least forgetting among the shares" in r["answer"]
 
 
+def test_a_trial_recorded_without_its_steps_reads_them_from_its_cache_entry(tmp_path):
+    """A search recorded before trials kept their steps: the answer reads each trial's from its adapter's cache
+    entry (metrics.json, written by the trial core), and says nothing when that is not at hand either."""
+    import optuna
+
+    from mixtune.core import search_answer
+
+    entry = tmp_path / "key"
+    (entry / "adapter").mkdir(parents=True)
+    (entry / "metrics.json").write_text(json.dumps({"train_loss": 1.0, "final_loss": 0.9, "steps": 240,
+                                                    "trained_tokens": 322140}))
+    dist = {"generalist_share": optuna.distributions.FloatDistribution(0.0, 0.9)}
+
+    def made(attrs):
+        return optuna.trial.create_trial(params={"generalist_share": 0.9}, distributions=dist, value=0.5,
+                                         user_attrs=attrs)
+
+    assert search_answer.steps_of(made({"adapter": str(entry / "adapter")})) == 240
+    assert search_answer.steps_of(made({"adapter": str(entry / "adapter"), "steps": 12})) == 12  # its own first
+    assert search_answer.steps_of(made({"adapter": str(tmp_path / "gone" / "adapter")})) is None
+    assert search_answer.steps_of(made({})) is None
+
+
 def test_no_share_beyond_the_noise_recommends_the_pure_specialist():
     r = _recommend([(0.0, 120, "1111100000"), (0.5, 122, "1111111111")])
     assert r["near_optimal"] == [0.0, 0.5] and r["recommended_share"] == 0.0 and r["dev_gain"] == 0.0

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +33,15 @@ def forgetting_of(t, base_probe: str | None) -> float | None:
     if not base_probe or not t.user_attrs.get("probe"):
         return None
     return float(M.from_bits(base_probe).mean() - M.from_bits(t.user_attrs["probe"]).mean())
+
+
+def steps_of(t) -> int | None:
+    """The optimizer steps a trial trained: recorded by the trial, or (a trial recorded before it was) read from
+    its adapter's cache entry; None when neither is at hand (a trial trained on another machine)."""
+    if "steps" in t.user_attrs:
+        return t.user_attrs["steps"]
+    done = Path(t.user_attrs.get("adapter", "")).parent / "metrics.json"
+    return json.loads(done.read_text())["steps"] if t.user_attrs.get("adapter") and done.is_file() else None
 
 
 def completed(study) -> list:
@@ -123,7 +134,7 @@ def recommend(study, scorer, cfg, resamples: int) -> dict:
                f"the best share lies in [{best_share_low:.2f}, {best_share_high:.2f}])")
     if shares[best] >= cfg.max_share and len(done) > 1:
         answer += f"; it is at the top of the searched range (search.max_share={cfg.max_share}): widen it"
-    steps = [t.user_attrs.get("steps") for t in done]
+    steps = [steps_of(t) for t in done]
     longer = pick is not None and rec > 0 and None not in (steps[0], steps[rec]) and steps[rec] > steps[0]
     if longer:  # train.epochs over each mix: a larger share is also more optimizer steps (README, "The answer")
         answer += (f". r={shares[rec]:.2f} trained {steps[rec]} optimizer steps, the pure specialist {steps[0]}: part "
@@ -173,7 +184,7 @@ def trial_rows(study, summary: dict | None = None) -> list[dict]:
                      "dev_high": a.get("dev_high"),
                      "near_optimal": int(share_of(t) in near) if t.state.name == "COMPLETE" else None,
                      "forgetting": forgetting_of(t, base_probe) if a.get("probe") else None,
-                     "trained_tokens": a.get("trained_tokens"), "steps": a.get("steps")})
+                     "trained_tokens": a.get("trained_tokens"), "steps": steps_of(t)})
     return rows
 
 
