@@ -156,6 +156,7 @@ def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussia
     parent, nested = runs_of(parent_id)
     assert parent.data.tags["mlflow.note.content"] == best["answer"]
     assert parent.data.metrics["answer.recommended_share"] == share
+    assert parent.data.metrics["answer.recommended_steps"] == parent.data.metrics["answer.specialist_steps"] == 4
     # the stage's MLflow seconds count the trials' calls (bench_stages reads them beside the run's wall time)
     assert parent.data.metrics["mlflow_overhead_seconds"] >= 3 * 1.0
     assert sorted(nested) == [0, 1, 2]
@@ -165,6 +166,7 @@ def test_search_runs_the_grid_to_the_end_then_a_rerun_continues_with_the_gaussia
         assert float(run.data.params["generalist_share"]) == trials[n].params["generalist_share"]
         assert run.info.run_name == f"trial {n} r={trials[n].params['generalist_share']:.2f}"
         assert run.data.metrics["dev.macro_f1"] == trials[n].value
+        assert run.data.metrics["steps"] == 4
         assert "probe_accuracy" in run.data.metrics
     from mlflow import MlflowClient
 

@@ -94,7 +94,9 @@ def test_a_new_search_over_the_same_mixes_trains_nothing_again(project, tiny_mod
     trials = [t for t in sp.study_named(project, second["search"]).trials]
     assert {t.params["generalist_share"]: t.user_attrs["dev_predictions"] for t in trials} == before
     assert [t.user_attrs["trained_tokens"] for t in trials] == [c["trained_tokens"] for c in first["curve"]]
+    assert [t.user_attrs["steps"] for t in trials] == [c["steps"] for c in first["curve"]] == [4, 4]
+
     def points(r):  # the bands resample with the search's seed, which differs here
-        return [{k: c[k] for k in ("share", "dev", "forgetting", "trained_tokens")} for c in r["curve"]]
+        return [{k: c[k] for k in ("share", "dev", "forgetting", "trained_tokens", "steps")} for c in r["curve"]]
 
     assert points(second) == points(first) and second["recommended_share"] == first["recommended_share"]

@@ -235,7 +235,7 @@ def log_summary(study, summary: dict) -> None:
 
     keys = ("recommended_share", "dev_gain", "dev_gain_low", "dev_gain_high", "forgetting", "specialist_forgetting",
             "near_optimal_low", "near_optimal_high", "best_trial_share", "best_share_low", "best_share_high",
-            "smallest_share_within_max_forgetting")
+            "smallest_share_within_max_forgetting", "recommended_steps", "specialist_steps")
     mlflow.log_metrics({f"answer.{k}": float(summary[k]) for k in keys if summary.get(k) is not None})
     mlflow.log_metric("trained_tokens_total", summary["trained_tokens_total"])  # the search's compute
     mlflow.log_metrics({f"trials.{k}": v for k, v in summary["trials"].items()})

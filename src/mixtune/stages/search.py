@@ -132,7 +132,7 @@ class _Trials:
             model = load_adapter(load_base(self.base), hit / "adapter")
             with self.timer():
                 mlflow.set_tag("mixtune.reused_trial_run_id", meta["run_id"])
-                mlflow.log_metric("trained_tokens", tokens)
+                mlflow.log_metrics({"trained_tokens": tokens, "steps": done["steps"]})  # as a trained trial
             print(f"search n={self.size}: trial {trial.number} r={share:.2f}: the adapter of {meta['by']} (same "
                   "mix, config and code), not trained again", flush=True)
         with tune.scoring(model):  # a loaded adapter holds no bf16 copies: scoring() leaves it as it is
