@@ -116,7 +116,8 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     else:
         for task, t in d["tasks"].items():
             g, se = t["test_gap"], t["search"]
-            row(f"`search` on {task} against an 11-point grid ({_when('search', d)}): test {t['metric']}",
+            when = t["when"][:10] if t.get("when") else _when("search", d)  # each task is measured on its own day
+            row(f"`search` on {task} against an 11-point grid ({when}): test {t['metric']}",
                 f"r={se['recommended_share']:.2f}: {se['test']:.3f}, {t['search_tokens']:,} tokens",
                 f"grid best r={t['grid_best_share']:.1f}: {t['grid_best_test']:.3f}, {t['grid_tokens']:,} tokens",
                 f"{g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]; {t['token_ratio']:.2f} of the tokens",
