@@ -155,7 +155,7 @@ def recommend(study, scorer, cfg, resamples: int) -> dict:
         "dev_gain": float(values[rec] - values[0]), "dev_gain_low": g_low, "dev_gain_high": g_high,
         "forgetting": forgetting[rec], "specialist_forgetting": forgetting[0],
         "specialist_trial": done[0].number, "specialist_dev": float(values[0]), "specialist_steps": steps[0],
-        "recommended_steps": steps[rec] if pick is not None else steps[0], "longer_than_specialist": longer,
+        "recommended_steps": steps[rec], "longer_than_specialist": longer,
         "specialist_adapter": done[0].user_attrs["adapter"],
         "specialist_adapter_uri": done[0].user_attrs["adapter_uri"],
         "recommended_trial": done[rec].number, "recommended_adapter": done[rec].user_attrs["adapter"],
