@@ -13,13 +13,16 @@ ceiling, same model, examples and run; and batched generation's own figure.
                -like: hundreds of words), --max-new-tokens each; the same answers, and the speed-up (target 3x)
 
 The tuned adapter (train/adapter) on the first --examples test articles; peak RSS above the loaded model.
+--generation-only measures generation alone, on the base model (no `make run` needed), and replaces only the
+generation figure in eval.json.
 
-    python bench/bench_eval.py [--examples 64]
+    python bench/bench_eval.py [--examples 64] [--generation-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import threading
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--generate", type=int, default=48, help="free-form questions for the generation figure")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--generation-only", action="store_true", help="base model, generation's figure only")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
@@ -109,15 +113,21 @@ def main() -> None:
 
     cfg = load_section("evaluate", args.params)
     base = resolve_base(load_section("model", args.params).base)
-    examples = read_jsonl(REPO / "prepared" / "specialist" / "test.jsonl")[: args.examples]
     tokenizer = load_tokenizer(base)
+    prec = score.score_precision()
+    ceilings = {"fp32": matmul_ceiling("fp32"), "bf16": matmul_ceiling("bf16")}
+    if args.generation_only:
+        model = load_base(base).eval()
+        gen = generation(model, tokenizer, args, cfg, prec, ceilings)
+        result = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        write_json(RESULTS, {**result, "generation": {**gen, "model": "base"}})
+        return print_generation(gen)
+    examples = read_jsonl(REPO / "prepared" / "specialist" / "test.jsonl")[: args.examples]
     model = load_adapter(load_base(base), REPO / "train" / "adapter").eval()
     n_params = sum(p.numel() for p in model.parameters())
-    prec = score.score_precision()
     prompts = [score._prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
     tokens = sum(len(p) + sum(len(score._option_ids(tokenizer, ex["prompt"], p, o)) for o in ex["options"])
                  for ex, p in zip(examples, prompts)) / len(examples)
-    ceilings = {"fp32": matmul_ceiling("fp32"), "bf16": matmul_ceiling("bf16")}
 
     with PeakRSS() as rss:
         t = time.perf_counter()
@@ -127,16 +137,6 @@ def main() -> None:
     slow = naive(model, tokenizer, examples)
     t_slow = (time.perf_counter() - t) / len(examples)
     diff = max(abs(a - b) for fr, sr in zip(fast, slow) for a, b in zip(fr, sr))
-    free = sorted((ex for ex in read_jsonl(REPO / "prepared" / "generalist.jsonl") if not ex["options"]),
-                  key=lambda ex: -len(ex["completion"]))[: args.generate]
-    t = time.perf_counter()
-    texts = score.generate(model, tokenizer, free, cfg.batch_size, args.max_new_tokens, prec)
-    t_gen = (time.perf_counter() - t) / len(free)
-    t = time.perf_counter()
-    before = hf_generate(model, tokenizer, free, cfg.batch_size, args.max_new_tokens)
-    t_before = (time.perf_counter() - t) / len(free)
-    gen_tokens = sum(len(score._prompt_ids(tokenizer, ex["prompt"])) for ex in free) / len(free) + sum(
-        len(tokenizer(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts) / len(free)
     flop = 2 * n_params * tokens
     result = {
         "examples": len(examples), "precision": prec, "params": n_params, "tokens_per_example": tokens,
@@ -145,11 +145,7 @@ def main() -> None:
                     "utilisation": {k: flop / t_fast / v for k, v in ceilings.items()}},
         "naive": {"seconds_per_example": t_slow, "utilisation": {k: flop / t_slow / v for k, v in ceilings.items()}},
         "speedup": t_slow / t_fast, "max_abs_difference": diff,
-        "generation": {"examples": len(free), "max_new_tokens": args.max_new_tokens,
-                       "seconds_per_example": t_gen, "tokens_per_example": gen_tokens,
-                       "baseline_seconds_per_example": t_before, "speedup": t_before / t_gen,
-                       "same_answers": sum(a == b for a, b in zip(texts, before)), "target_speedup": TARGET_GENERATION,
-                       "utilisation": {k: 2 * n_params * gen_tokens / t_gen / v for k, v in ceilings.items()}},
+        "generation": {**generation(model, tokenizer, args, cfg, prec, ceilings), "model": "tuned adapter"},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     write_json(RESULTS, result)
@@ -158,11 +154,42 @@ def main() -> None:
           f"({ceilings['fp32'] / 1e9:.0f} GFLOP/s), {u['bf16']:.0%} of bf16 ({ceilings['bf16'] / 1e9:.0f}); "
           f"peak RSS +{rss.above_mb:.0f} MB")
     print(f"naive      {t_slow:.3f} s/example: scoring is {t_slow / t_fast:.1f}x faster; max |difference| {diff:.1e}")
-    g = result["generation"]["utilisation"]
-    gen = result["generation"]
-    print(f"generation {t_gen:.3f} s/example ({gen_tokens:.0f} tokens), {g['fp32']:.0%} of fp32, {g['bf16']:.0%} of "
-          f"bf16; HF generate {t_before:.3f} s: {gen['speedup']:.1f}x, {gen['same_answers']} of {len(free)} answers "
-          "the same")
+    print_generation(result["generation"])
+
+
+def generation(model, tokenizer, args, cfg, prec: str, ceilings: dict) -> dict:
+    """score.generate against HF generate on the same free-form questions, same run; generation's peak RSS
+    above what the process held before it."""
+    from mixtune.core import score
+    from mixtune.plumbing.files import read_jsonl
+
+    n_params = sum(p.numel() for p in model.parameters())
+    free = sorted((ex for ex in read_jsonl(REPO / "prepared" / "generalist.jsonl") if not ex["options"]),
+                  key=lambda ex: -len(ex["completion"]))[: args.generate]
+    with PeakRSS() as rss:
+        t = time.perf_counter()
+        texts = score.generate(model, tokenizer, free, cfg.batch_size, args.max_new_tokens, prec)
+        t_gen = (time.perf_counter() - t) / len(free)
+    with PeakRSS() as rss_before:
+        t = time.perf_counter()
+        before = hf_generate(model, tokenizer, free, cfg.batch_size, args.max_new_tokens)
+        t_before = (time.perf_counter() - t) / len(free)
+    gen_tokens = sum(len(score._prompt_ids(tokenizer, ex["prompt"])) for ex in free) / len(free) + sum(
+        len(tokenizer(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts) / len(free)
+    return {"date": time.strftime("%Y-%m-%d"), "examples": len(free), "max_new_tokens": args.max_new_tokens,
+            "seconds_per_example": t_gen, "tokens_per_example": gen_tokens,
+            "baseline_seconds_per_example": t_before, "speedup": t_before / t_gen,
+            "same_answers": sum(a == b for a, b in zip(texts, before)), "target_speedup": TARGET_GENERATION,
+            "peak_rss_above_mb": rss.above_mb, "baseline_peak_rss_above_mb": rss_before.above_mb,
+            "utilisation": {k: 2 * n_params * gen_tokens / t_gen / v for k, v in ceilings.items()}}
+
+
+def print_generation(gen: dict) -> None:
+    g = gen["utilisation"]
+    print(f"generation {gen['seconds_per_example']:.3f} s/example ({gen['tokens_per_example']:.0f} tokens), "
+          f"{g['fp32']:.0%} of fp32, {g['bf16']:.0%} of bf16, +{gen['peak_rss_above_mb']:.0f} MB; HF generate "
+          f"{gen['baseline_seconds_per_example']:.3f} s, +{gen['baseline_peak_rss_above_mb']:.0f} MB: "
+          f"{gen['speedup']:.1f}x, {gen['same_answers']} of {gen['examples']} answers the same")
 
 
 if __name__ == "__main__":

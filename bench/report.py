@@ -103,9 +103,13 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
             f"{s['utilisation']['bf16']:.0%} of bf16", f"{s['utilisation']['fp32']:.0%} of fp32")
         row("scoring: peak RSS above the loaded model", f"{s['peak_rss_above_model_mb']:.0f} MB")
         if "speedup" in g:
-            row(f"generation ({g['examples']} free-form questions, up to {g['max_new_tokens']} new tokens, greedy)",
-                f"{g['seconds_per_example']:.3f} s/example, {g['utilisation']['fp32']:.0%} of fp32",
-                f"HF generate in batches: {g['baseline_seconds_per_example']:.3f} s", f"{g['speedup']:.1f}x",
+            row(f"generation ({g['examples']} free-form questions, up to {g['max_new_tokens']} new tokens, greedy; "
+                f"{g.get('model', 'tuned adapter')}{', ' + g['date'] if 'date' in g else ''})",
+                f"{g['seconds_per_example']:.3f} s/example, {g['utilisation']['fp32']:.0%} of fp32"
+                + (f", +{g['peak_rss_above_mb']:.0f} MB" if "peak_rss_above_mb" in g else ""),
+                f"HF generate in batches: {g['baseline_seconds_per_example']:.3f} s"
+                + (f", +{g['baseline_peak_rss_above_mb']:.0f} MB" if "baseline_peak_rss_above_mb" in g else ""),
+                f"{g['speedup']:.1f}x",
                 f">= {g['target_speedup']:.0f}x, same answers: {g['same_answers']} of {g['examples']}",
                 g["speedup"] >= g["target_speedup"] and g["same_answers"] == g["examples"])
         else:

@@ -313,7 +313,7 @@ def test_answers_no_share_changes_are_computed_once(trained, monkeypatch, tiny_m
     assert (root / "eval_a" / "predictions.jsonl").read_bytes() == (root / "eval_c" / "predictions.jsonl").read_bytes()
 
 
-def test_generation_is_hf_greedy_example_by_example_with_rows_ending_at_different_steps(tiny_model):
+def test_generation_is_hf_greedy_example_by_example_with_rows_ending_at_different_steps(tiny_model, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -343,4 +343,10 @@ def test_generation_is_hf_greedy_example_by_example_with_rows_ending_at_differen
     lengths = [len(greedy(ex)) for ex in examples]
     assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, some ran to max_new_tokens
     assert score.generate(model, tok, examples, 6, 8, "fp32") == want  # one batch: finished rows leave it
-    assert score.generate(model, tok, examples, 4, 8, "fp32") == want  # two batches, by prompt length
+    # two prefill passes of different widths, right-aligned in one decoding batch's cache (zero columns masked)
+    assert score.generate(model, tok, examples, 4, 8, "fp32") == want
+    widths = sorted(len(score._prompt_ids(tok, ex["prompt"])) + 8 for ex in examples)
+    monkeypatch.setattr(score, "CACHE_TOKENS", 2 * widths[1])  # decoding batches of 2 rows, then 1 or 2
+    assert score.generate(model, tok, examples, 6, 8, "fp32") == want
+    from mixtune.core.model import micro_batches
+    assert len(micro_batches(widths, score.CACHE_TOKENS)) >= 3

@@ -13,6 +13,7 @@ every system, so a difference between two systems is paired.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 
@@ -153,12 +154,24 @@ def _common_prefix(rows: list[list[int]], limit: int) -> int:
     return n
 
 
+# A decoding batch's key/value cache holds at most CACHE_TOKENS tokens: rows x (the longest prompt + the answer
+# limit), 46 KB a token for SmolLM2-135M in fp32, so 0.75 GB. A decode step reads every weight once whatever its
+# rows (16 rows: 120 ms a step, 48 rows: 200 ms), so more rows decode more tokens a second; the cache is what they
+# cost. Measured on bench_eval's 48 free-form questions (128 new tokens): 49.6 s at 24,576 tokens (+1,972 MB above
+# the model), 55.2 s at 16,384 (+1,496 MB), 59.4 s at 12,288 (+1,373 MB); evaluate's classification peak is 2.1 GB.
+CACHE_TOKENS = 16384
+
+
 def generate(model, tokenizer, examples: list[dict], batch_size: int, max_new_tokens: int, prec: str) -> list[str]:
-    """Batched greedy decoding with a KV cache. Prompts run in order of length (little padding), left-padded so
-    they end in the same column, and a row leaves the batch at its end token: the rest decode without it (HF's
-    `generate` keeps decoding a finished row until the whole batch ends). With SDPA attention, which reads the
-    cache's 3 key/value heads where eager attention first copies them out to 9: 16 answers of 128 tokens took
-    0.13 s a step against 0.17 (bench_eval; the same answers)."""
+    """Batched greedy decoding with a KV cache. Prompts run in order of length, prefilled in passes of at most
+    `batch_size` rows and `batch_size` x ROW_TOKENS padded tokens (as scoring's batches), and decoded together,
+    as many rows as CACHE_TOKENS holds: the prefill's cost is its padded tokens, a decode step's is nearly the
+    same for 16 rows as for 48. Each pass writes its keys and values into the decoding batch's cache in place,
+    right-aligned so that every prompt ends in the same column (the columns left of a shorter prompt stay zero
+    and masked), and each decoded token is written in place too (HF's DynamicCache concatenates: a copy of the
+    whole cache per token). A finished row stops counting at its end token and leaves the batch once a quarter
+    of the rows has finished (leaving copies the cache). While decoding, attention is SDPA, which reads the
+    cache's 3 key/value heads in place where eager attention first copies them out to SmolLM2's 9."""
     attn = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     try:
@@ -167,39 +180,98 @@ def generate(model, tokenizer, examples: list[dict], batch_size: int, max_new_to
         model.set_attn_implementation(attn)  # label scoring's 4D masks and training are measured with eager
 
 
+@functools.cache
+def _in_place_layer():
+    """A cache layer (transformers' `DynamicLayer` interface) over a slab shared by the passes of one decoding
+    batch: {"rows", "cols", "k", "v"}, the tensors (rows, kv heads, cols, head dim) allocated, zeroed, at the
+    first write. The layer holds rows `rows` from column `start` on, and `n` of those columns are filled."""
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        def __init__(self, slab: dict, rows: slice = slice(None), start: int = 0, n: int = 0) -> None:
+            super().__init__()
+            self.slab, self.rows, self.start, self.n = slab, rows, start, n
+            if n:
+                self._view()
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            if "k" not in self.slab:
+                _, heads, _, dim = key_states.shape
+                for name, t in (("k", key_states), ("v", value_states)):
+                    self.slab[name] = t.new_zeros(self.slab["rows"], heads, self.slab["cols"], dim)
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+
+        def _view(self) -> None:
+            cols = slice(self.start, self.start + self.n)
+            self.keys, self.values = self.slab["k"][self.rows, :, cols], self.slab["v"][self.rows, :, cols]
+            self.dtype, self.device, self.is_initialized = self.keys.dtype, self.keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            cols = slice(self.start + self.n, self.start + self.n + key_states.shape[-2])
+            self.slab["k"][self.rows, :, cols] = key_states
+            self.slab["v"][self.rows, :, cols] = value_states
+            self.n += key_states.shape[-2]
+            self._view()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+        def batch_select_indices(self, indices) -> None:
+            for name in ("k", "v"):
+                self.slab[name] = self.slab[name][indices]
+            self._view()
+
+    return InPlaceLayer
+
+
 def _greedy(model, tokenizer, examples: list[dict], batch_size: int, max_new_tokens: int, prec: str) -> list[str]:
     import torch
+    from transformers.cache_utils import Cache
 
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    layer, n_layers = _in_place_layer(), model.config.num_hidden_layers
     prompts = [_prompt_ids(tokenizer, ex["prompt"]) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    lengths = [len(prompts[i]) for i in order]
     answers: list[list[int]] = [[] for _ in examples]
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in idx], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx], device=device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt's own positions; padding is masked out
-        live = torch.tensor(idx)  # the examples still decoding, in the batch's row order
+    for start, end in micro_batches([n + max_new_tokens for n in lengths], CACHE_TOKENS):
+        idx, width = order[start:end], lengths[end - 1]
+        slabs = [{"rows": len(idx), "cols": width + max_new_tokens} for _ in range(n_layers)]
+        mask = torch.zeros(len(idx), width, dtype=torch.long, device=device)
+        nxt = torch.empty(len(idx), dtype=torch.long, device=device)
         with torch.inference_mode(), _autocast(prec):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            cache, last = out.past_key_values, pos[:, -1]
+            for a, b in micro_batches(lengths[start:end], batch_size * ROW_TOKENS, max_rows=batch_size):
+                rows = [prompts[i] for i in idx[a:b]]
+                w = max(map(len, rows))
+                ids = torch.tensor([[pad] * (w - len(p)) + p for p in rows], device=device)
+                part = torch.tensor([[0] * (w - len(p)) + [1] * len(p) for p in rows], device=device)
+                cache = Cache(layers=[layer(slab, slice(a, b), width - w) for slab in slabs])
+                out = model(input_ids=ids, attention_mask=part, position_ids=(part.cumsum(-1) - 1).clamp(min=0),
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                nxt[a:b], mask[a:b, width - w:] = out.logits[:, -1].argmax(-1), part
+            cache = Cache(layers=[layer(slab, n=width) for slab in slabs])
+            live = torch.tensor(idx)  # the examples in the batch, in its row order
+            last = mask.sum(-1) - 1  # each row's position: its prompt's own, whatever the padding
+            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
-                nxt = out.logits[:, -1].argmax(-1)
-                going = nxt != eos
-                for i, t in zip(live[going].tolist(), nxt[going].tolist()):
+                done |= nxt == eos
+                for i, t in zip(live[~done.cpu()].tolist(), nxt[~done].tolist()):
                     answers[i].append(t)
-                if step == max_new_tokens - 1 or not going.any():
+                if step == max_new_tokens - 1 or done.all():
                     break
-                if not going.all():  # finished rows leave the batch, and their cache with them
-                    keep = going.nonzero().squeeze(1)
+                if 4 * int(done.sum()) >= len(live):  # finished rows leave the batch, and their cache with them
+                    keep = (~done).nonzero().squeeze(1)
                     cache.batch_select_indices(keep)
-                    live, nxt, mask, last = live[going], nxt[keep], mask[keep], last[keep]
+                    live, nxt, mask, last, done = live[keep.cpu()], nxt[keep], mask[keep], last[keep], done[keep]
                 mask, last = torch.cat([mask, mask.new_ones(len(live), 1)], 1), last + 1
                 out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],
                             past_key_values=cache, use_cache=True)
-        del out, cache
+                nxt = out.logits[:, -1].argmax(-1)
+        del out, cache, slabs
         trim_heap()  # as in score_options
     return [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
 
