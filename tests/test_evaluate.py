@@ -317,7 +317,7 @@ def test_generation_is_hf_greedy_example_by_example_with_rows_ending_at_differen
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mixtune.core.model import load_tokenizer
+    from mixtune.core.model import load_tokenizer, micro_batches
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_model).eval(), load_tokenizer(tiny_model)
     torch.manual_seed(0)
@@ -342,11 +342,15 @@ def test_generation_is_hf_greedy_example_by_example_with_rows_ending_at_differen
     want = [tok.decode([t for t in greedy(ex) if t != end], skip_special_tokens=True).strip() for ex in examples]
     lengths = [len(greedy(ex)) for ex in examples]
     assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, some ran to max_new_tokens
-    assert score.generate(model, tok, examples, 6, 8, "fp32") == want  # one batch: finished rows leave it
+    layer, left = score._in_place_layer(), []  # rows leaving a decoding batch: each time, the rows kept
+    select = layer.batch_select_indices
+    monkeypatch.setattr(layer, "batch_select_indices", lambda self, keep: left.append(len(keep)) or select(self, keep))
+    # one decoding batch of 6: the row that ends early decodes on (under a quarter finished), its tokens dropped
+    assert score.generate(model, tok, examples, 6, 8, "fp32") == want and left == []
     # two prefill passes of different widths, right-aligned in one decoding batch's cache (zero columns masked)
     assert score.generate(model, tok, examples, 4, 8, "fp32") == want
     widths = sorted(len(score._prompt_ids(tok, ex["prompt"])) + 8 for ex in examples)
     monkeypatch.setattr(score, "CACHE_TOKENS", 2 * widths[1])  # decoding batches of 2 rows, then 1 or 2
-    assert score.generate(model, tok, examples, 6, 8, "fp32") == want
-    from mixtune.core.model import micro_batches
     assert len(micro_batches(widths, score.CACHE_TOKENS)) >= 3
+    assert score.generate(model, tok, examples, 6, 8, "fp32") == want
+    assert left  # there, a row that ended left its batch (a half of it), its cache with it
