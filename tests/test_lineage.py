@@ -246,3 +246,11 @@ def test_the_docs_rerun_table_is_the_one_derived_from_dvc_yaml():
     assert next(v for k, v in rows.items() if "`core/score.py`" in k) == ["search", "mix", "train", "evaluate", "register",
                                                                      "study-prepare", "study-screen", "study-run", "study-report"]
     assert next(v for k, v in rows.items() if "`stages/register.py`" in k) == ["register"]
+
+
+def test_a_stage_run_as_main_cannot_key_its_cache_by_no_code():
+    # `python -m mixtune.stages.search` is `__main__` to itself: that name resolved to the package's __init__
+    # alone, and the search's Optuna study was keyed by no code (an edited score.py replayed old trials).
+    assert lineage.closure(["mixtune.stages.search"]) >= {"mixtune.core.score", "mixtune.core.trial"}
+    with pytest.raises(ValueError, match="__main__"):
+        lineage.fingerprint(["__main__"])

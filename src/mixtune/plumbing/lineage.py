@@ -83,7 +83,11 @@ def code_of(path: Path) -> str:
 
 
 def fingerprint(modules: list[str]) -> str:
-    """sha256 over the code (`code_of`) of `modules` and all they can import (paths relative to the package)."""
+    """sha256 over the code (`code_of`) of `modules` and all they can import (paths relative to the package).
+    A module is named by its dotted name: a stage run as `python -m` is `__main__` to itself, a name that
+    resolved to the package's __init__ alone, so its search was keyed by no code at all (fixed 2026-12-07)."""
+    if outside := [m for m in modules if m != PACKAGE and not m.startswith(PACKAGE + ".")]:
+        raise ValueError(f"fingerprint: {outside}: not modules of {PACKAGE} (pass a stage's dotted name, not __name__)")
     h = hashlib.sha256()
     for path in files(closure(modules)):
         h.update(str(path.relative_to(ROOT)).encode() + b"\0" + code_of(path).encode() + b"\0")

@@ -53,7 +53,7 @@ def study_definition(cfg: SearchConfig, mix_cfg, train_cfg: TrainConfig, model_c
             "train": train_cfg.model_dump(), "score": {k: getattr(score_cfg, k) for k in SCORE_KEYS},
             "data_sha256": [sha256_file(f)[:16] for f in files],
             "search": cfg.model_dump(include={"max_share", "seed", "grid"}),
-            "code_sha256": lineage.fingerprint([__name__])[:16]}
+            "code_sha256": lineage.fingerprint(["mixtune.stages.search"])[:16]}  # not __name__: "__main__" under -m
 
 
 class _Trials:

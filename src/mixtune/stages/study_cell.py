@@ -44,7 +44,7 @@ class Cells:
                            "evaluate": cfg.evaluate.model_dump(include={"batch_size", "max_new_tokens"}),
                            "dev_examples": cfg.dev_examples, "test_examples": cfg.test_examples,
                            "data": [sha256_file(f)[:16] for f in files],
-                           "code": lineage.fingerprint([__name__])[:16]}
+                           "code": lineage.fingerprint(["mixtune.stages.study_cell"])[:16]}
 
     def key(self, cell: dict) -> str:
         blob = json.dumps({**self.definition, **cell}, sort_keys=True)
