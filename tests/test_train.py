@@ -648,3 +648,55 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
     assert len(held_losses) == 6 and held_losses[-1] < held_losses[0]
     assert held_losses == plain_losses
     assert all(torch.equal(held_lora[k], plain_lora[k]) for k in plain_lora)
+
+
+def test_training_recomputes_attention_scores_and_that_moves_no_number(tmp_path, monkeypatch, tiny_model):
+    """On a CPU a training pass keeps no attention probabilities (rows x heads x length^2, the largest part of a
+    long row's pass): its backward recomputes them. The same losses and adapter, bit for bit, as eager attention
+    that keeps them; scoring (no gradients) is eager attention's. Checked by breaking it: keeping the
+    probabilities saves the (length x length) tensors this test counts."""
+    import torch
+
+    from mixtune.core.model import EAGER_RECOMPUTED, load_base, load_tokenizer
+    from mixtune.plumbing.files import read_jsonl
+
+    use_store(monkeypatch, tmp_path)
+    write_prepared(tmp_path)
+    make_mix(tmp_path)
+    examples = read_jsonl(tmp_path / "mix" / "train.jsonl")
+    tokenizer = load_tokenizer(str(tiny_model))
+    model = load_base(str(tiny_model))
+    assert model.config._attn_implementation == EAGER_RECOMPUTED
+    layers, length = model.config.num_hidden_layers, 24
+    ids = torch.randint(0, model.config.vocab_size, (2, length))
+
+    def square_saved(m) -> int:  # tensors kept for backward shaped (rows, heads, length, length): not the mask
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            m(input_ids=ids, labels=ids).loss.backward()
+        return sum(1 for s in saved if s == (2, model.config.num_attention_heads, length, length))
+
+    model.train()
+    assert square_saved(model) == 0
+    model.set_attn_implementation("eager")
+    assert square_saved(model) >= layers  # the probabilities, a tensor or more a layer
+    model.set_attn_implementation(EAGER_RECOMPUTED)
+    model.eval()
+    with torch.no_grad():
+        recomputed = model(input_ids=ids).logits
+        model.set_attn_implementation("eager")
+        assert torch.equal(recomputed, model(input_ids=ids).logits)
+
+    cfg = train_config(max_steps=6, batch_size=8, micro_tokens=128, logging_steps=1)
+    runs_ = {}
+    for attn in (EAGER_RECOMPUTED, "eager"):
+        torch.manual_seed(0)
+        trainer = tune.tuner(cfg, str(tiny_model), examples, tmp_path / f"out-{attn}", "bf16", tokenizer)
+        trainer.model.set_attn_implementation(attn)
+        trainer.train()
+        lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+        runs_[attn] = [e["loss"] for e in trainer.state.log_history if "loss" in e], lora
+    (losses, lora), (eager_losses, eager_lora) = runs_[EAGER_RECOMPUTED], runs_["eager"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert losses == eager_losses
+    assert all(torch.equal(lora[k], eager_lora[k]) for k in eager_lora)

@@ -81,6 +81,41 @@ def with_answer(example: dict) -> list[dict]:
     return [*example["prompt"], {"role": "assistant", "content": example["completion"]}]
 
 
+EAGER_RECOMPUTED = "mixtune_eager"  # the model's eager attention; in training, its scores recomputed in backward
+
+
+def _eager_recomputed(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The model's own eager attention, whose scores a training pass recomputes in its backward instead of
+    keeping them: eager attention keeps each layer's probabilities for its backward, in fp32 and in bf16 (rows x
+    heads x length^2: 14 MB a layer for a 512-token row, 0.4 GB over SmolLM2's 30), the largest part of a long
+    row's pass. Recomputed, they live one layer at a time. The same kernels on the same shapes: the losses and the
+    adapter are bit for bit the same (test_train); r=0.9, 25 steps, the worst step 1,389 -> 1,015 MB above the
+    model, ~3% more time (docs/performance.md). Without gradients (scoring, serving) it is eager attention."""
+    import sys
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise MixtuneError(f"{type(module).__name__}: no eager attention in {type(module).__module__}; "
+                           "mixtune trains on a CPU with the model's own eager attention")
+    if not (torch.is_grad_enabled() and module.training):
+        return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    out = checkpoint(lambda q, k, v, m: eager(module, q, k, v, m, scaling, dropout, **kwargs)[0],
+                     query, key, value, attention_mask, use_reentrant=False)
+    return out, None  # no probabilities to return: they are what is not kept
+
+
+def _registered(name: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(name, _eager_recomputed)
+    AttentionMaskInterface.register(name, eager_mask)  # the masks eager attention gets
+    return name
+
+
 def load_base(path: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -88,7 +123,8 @@ def load_base(path: str):
     # On a CPU, eager attention: SDPA's flash kernel took 16% of a training step in its backward alone, and
     # steps ran 2.1-2.2 s eager against 2.55 s (default task, micro-batch 2); scoring costs the same either way.
     # One implementation for training, the search's scoring, evaluate and serving: their scores agree.
-    attn = {} if torch.cuda.is_available() else {"attn_implementation": "eager"}
+    # In training, its scores are recomputed in backward rather than kept (`_eager_recomputed`).
+    attn = {} if torch.cuda.is_available() else {"attn_implementation": _registered(EAGER_RECOMPUTED)}
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn)
     except (OSError, ValueError) as e:

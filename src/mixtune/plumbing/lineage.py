@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]  # src/mixtune
 
 
 def module_file(module: str) -> Path:
-    """`mixtune.stages.search` -> src/mixtune/stages/search.py (a package -> its __init__.py)."""
+    """`mixtune.stages.search` -> src/mixtune/stages/search.py (a package -> its __init__.py). A name outside the
+    package is refused: a stage run as `python -m` is `__main__` to itself, a name that resolved to the package's
+    __init__ alone, so the search's study was keyed by no code at all (fixed 2026-12-07)."""
+    if module != PACKAGE and not module.startswith(PACKAGE + "."):
+        raise ValueError(f"{module}: not a module of {PACKAGE} (pass a stage's dotted name, not __name__)")
     parts = module.split(".")[1:]
     path = ROOT.joinpath(*parts)
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
@@ -83,11 +87,8 @@ def code_of(path: Path) -> str:
 
 
 def fingerprint(modules: list[str]) -> str:
-    """sha256 over the code (`code_of`) of `modules` and all they can import (paths relative to the package).
-    A module is named by its dotted name: a stage run as `python -m` is `__main__` to itself, a name that
-    resolved to the package's __init__ alone, so its search was keyed by no code at all (fixed 2026-12-07)."""
-    if outside := [m for m in modules if m != PACKAGE and not m.startswith(PACKAGE + ".")]:
-        raise ValueError(f"fingerprint: {outside}: not modules of {PACKAGE} (pass a stage's dotted name, not __name__)")
+    """sha256 over the code (`code_of`) of `modules` and all they can import (paths relative to the package),
+    each named by its dotted name (`module_file`)."""
     h = hashlib.sha256()
     for path in files(closure(modules)):
         h.update(str(path.relative_to(ROOT)).encode() + b"\0" + code_of(path).encode() + b"\0")
