@@ -12,7 +12,12 @@ specialist (r=0: short rows), sampled by the mix stage from prepared/. Runs alte
 Then oneDNN's kernel cache, which grows with the shapes a run has seen (so over more steps, `--cache-steps`):
 mixtune's bound (ONEDNN_PRIMITIVE_CACHE_CAPACITY=64, core/model.py) against oneDNN's default of 1024, r=0.9.
 
-    python bench/bench_memory.py [--steps 8] [--cache-steps 40]
+Then attention (`--attention-steps`, r=0.9, two alternating pairs): mixtune's eager attention whose scores a
+training pass recomputes in backward (core/model.py, `_eager_recomputed`) against eager attention that keeps
+them, with the train_loss of each (bit for bit the same). `--attention-only` runs only this part and updates it
+in memory.json.
+
+    python bench/bench_memory.py [--steps 8] [--cache-steps 40] [--attention-steps 25] [--attention-only]
 
 Writes bench/results/memory.json.
 """
@@ -58,6 +63,8 @@ def train_once(method: str, share: float, steps: int) -> dict:
         base = resolve_base(load_section("model", REPO / "params.yaml").base)
         trainer = tune.build_trainer(cfg, base, examples, Path(tmp) / "out", train_precision(cfg.precision))
         trainer.args.set_save(strategy="no")
+        if method == "kept":  # eager attention that keeps its probabilities for backward; passes as mixtune's
+            trainer.model.set_attn_implementation("eager")
         stamps: list[float] = []
 
         class Clock(TrainerCallback):
@@ -71,17 +78,26 @@ def train_once(method: str, share: float, steps: int) -> dict:
         trainer.train()
     step_seconds = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
     return {"method": method, "share": share, "micro_tokens": cfg.micro_tokens, "step_seconds": step_seconds,
-            "seconds": sum(step_seconds), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "seconds": sum(step_seconds), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "train_loss": trainer.state.log_history[-1].get("train_loss")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cache-steps", type=int, default=40)
+    ap.add_argument("--attention-steps", type=int, default=25)
+    ap.add_argument("--attention-only", action="store_true")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SHARE"), help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args()
     if args.one:
         print(json.dumps(train_once(args.one[0], float(args.one[1]), args.steps)))
+        return
+    attention = compare_attention(args.attention_steps)
+    if args.attention_only:
+        result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"target_rss_mb": TARGET_RSS_MB}
+        result["attention"] = attention
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
         return
     runs = []
     for share in (0.9, 0.0):
@@ -97,13 +113,32 @@ def main() -> None:
         b, m = by[("baseline", share)], by[("mixtune", share)]
         shares[str(share)] = {"baseline": b, "mixtune": m, **compare(b, m)}
     result = {"steps": args.steps, "baseline_rows": BASELINE_ROWS, "target_rss_mb": TARGET_RSS_MB, "shares": shares,
-              "kernel_cache": cache}
+              "kernel_cache": cache, "attention": attention}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: {"speedup": round(v["speedup"], 2), "peak_mb": round(v["mixtune"]["peak_rss_mb"]),
                           "baseline_peak_mb": round(v["baseline"]["peak_rss_mb"])} for k, v in shares.items()}))
     print(f"kernel cache: {cache['mixtune']['peak_rss_mb']:.0f} MB peak against oneDNN's default "
           f"{cache['baseline']['peak_rss_mb']:.0f} MB, {cache['speedup']:.2f}x the speed")
+
+
+def compare_attention(steps: int) -> dict:
+    """Scores recomputed (mixtune) against kept (eager), r=0.9, alternating twice: the median of each, and the
+    losses, which must be the same bit for bit."""
+    import statistics
+
+    runs: dict[str, list[dict]] = {"kept": [], "mixtune": []}
+    for _ in range(2):
+        for method in ("kept", "mixtune"):
+            runs[method].append(child(method, 0.9, steps))
+    med = {m: {"seconds": statistics.median(r["seconds"] for r in rs),
+               "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)} for m, rs in runs.items()}
+    losses = {r["train_loss"] for rs in runs.values() for r in rs}
+    print(f"attention recomputed: {med['mixtune']['peak_rss_mb']:.0f} MB peak, {med['mixtune']['seconds']:.0f} s "
+          f"against kept: {med['kept']['peak_rss_mb']:.0f} MB, {med['kept']['seconds']:.0f} s; "
+          f"train_loss {sorted(losses)}")
+    return {"steps": steps, "share": 0.9, "runs": runs, "baseline": med["kept"], "mixtune": med["mixtune"],
+            "same_loss": len(losses) == 1, **compare(med["kept"], med["mixtune"])}
 
 
 def compare(baseline: dict, mixtune: dict) -> dict:

@@ -90,6 +90,13 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
                 f"{m['peak_rss_mb']:.0f} MB peak, {m['seconds']:.0f} s",
                 f"oneDNN's default ({c['baseline_capacity']} kernels): {b['peak_rss_mb']:.0f} MB, {b['seconds']:.0f} s",
                 f"{c['speedup']:.2f}x the speed", f"<= {d['target_rss_mb']:.0f} MB, no slower", c["met"])
+        if (a := d.get("attention")) is not None:
+            b, m = a["baseline"], a["mixtune"]
+            row(f"training memory, share {a['share']:.1f} ({a['steps']} steps, median of 2): attention scores "
+                f"recomputed in backward", f"{m['peak_rss_mb']:.0f} MB peak, {m['seconds']:.0f} s",
+                f"kept (eager): {b['peak_rss_mb']:.0f} MB, {b['seconds']:.0f} s",
+                f"{a['speedup']:.2f}x the speed", f"<= {d['target_rss_mb']:.0f} MB, no slower, same loss",
+                a["met"] and a["same_loss"])
 
     if (d := _load("eval")) is None or "scoring" not in d:
         missing("scoring", "python bench/bench_eval.py")
