@@ -651,13 +651,12 @@ def test_frozen_weights_held_in_bf16_train_bit_for_bit_like_autocast(tmp_path, m
 
 
 def test_training_recomputes_attention_scores_and_that_moves_no_number(tmp_path, monkeypatch, tiny_model):
-    """On a CPU a training pass over rows longer than KEEP_SCORES_UP_TO keeps no attention probabilities (rows x
-    heads x length^2, the largest part of a long row's pass): its backward recomputes them. The same losses and
-    adapter, bit for bit, as eager attention that keeps them; scoring (no gradients) is eager attention's.
-    Checked by breaking it: keeping the probabilities saves the (length x length) tensors this test counts."""
+    """On a CPU a training pass keeps no attention probabilities (rows x heads x length^2, the largest part of a
+    long row's pass): its backward recomputes them. The same losses and adapter, bit for bit, as eager attention
+    that keeps them; scoring (no gradients) is eager attention's. Checked by breaking it: keeping the
+    probabilities saves the (length x length) tensors this test counts."""
     import torch
 
-    from mixtune.core import model as model_module
     from mixtune.core.model import EAGER_RECOMPUTED, load_base, load_tokenizer
     from mixtune.plumbing.files import read_jsonl
 
@@ -678,9 +677,6 @@ def test_training_recomputes_attention_scores_and_that_moves_no_number(tmp_path,
         return sum(1 for s in saved if s == (2, model.config.num_attention_heads, length, length))
 
     model.train()
-    monkeypatch.setattr(model_module, "KEEP_SCORES_UP_TO", length)  # rows this long keep theirs
-    assert square_saved(model) >= layers
-    monkeypatch.setattr(model_module, "KEEP_SCORES_UP_TO", length - 1)  # longer rows recompute them
     assert square_saved(model) == 0
     model.set_attn_implementation("eager")
     assert square_saved(model) >= layers  # the probabilities, a tensor or more a layer
@@ -691,7 +687,6 @@ def test_training_recomputes_attention_scores_and_that_moves_no_number(tmp_path,
         model.set_attn_implementation("eager")
         assert torch.equal(recomputed, model(input_ids=ids).logits)
 
-    monkeypatch.setattr(model_module, "KEEP_SCORES_UP_TO", 0)  # every training pass recomputes
     cfg = train_config(max_steps=6, batch_size=8, micro_tokens=128, logging_steps=1)
     runs_ = {}
     for attn in (EAGER_RECOMPUTED, "eager"):

@@ -81,21 +81,16 @@ def with_answer(example: dict) -> list[dict]:
     return [*example["prompt"], {"role": "assistant", "content": example["completion"]}]
 
 
-EAGER_RECOMPUTED = "mixtune_eager"  # the model's eager attention; in training, long rows' scores recomputed
-# A training pass over rows of at most this many tokens keeps its attention probabilities, a longer one
-# recomputes them in backward. Kept, one 384-token row's weigh ~240 MB over SmolLM2's 30 layers, no more than a
-# full pass of short rows holds besides them; a 512-token row's 0.4 GB. Rows over 384 tokens are 27 of the r=0.9
-# mix's 640 and 20% of its attention work: recomputing every pass's took the search's peak from 3,259 to 2,762
-# MB but its time from 45.2 to 51.1 min (docs/performance.md); only theirs costs a fraction of that.
-KEEP_SCORES_UP_TO = 384
+EAGER_RECOMPUTED = "mixtune_eager"  # the model's eager attention; in training, its scores recomputed in backward
 
 
 def _eager_recomputed(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """The model's own eager attention, whose scores a training pass over long rows recomputes in its backward
-    instead of keeping them: eager attention keeps each layer's probabilities for its backward, in fp32 and in
-    bf16 (rows x heads x length^2: 14 MB a layer for a 512-token row), the largest part of a long row's pass.
-    Recomputed, they live one layer at a time. The same kernels on the same shapes: the losses and the adapter are
-    bit for bit the same (test_train). Without gradients (scoring, serving) it is eager attention."""
+    """The model's own eager attention, whose scores a training pass recomputes in its backward instead of
+    keeping them: eager attention keeps each layer's probabilities for its backward, in fp32 and in bf16 (rows x
+    heads x length^2: 14 MB a layer for a 512-token row, 0.4 GB over SmolLM2's 30), the largest part of a long
+    row's pass. Recomputed, they live one layer at a time. The same kernels on the same shapes: the losses and the
+    adapter are bit for bit the same (test_train); r=0.9, 25 steps, the worst step 1,389 -> 1,015 MB above the
+    model, ~3% more time (docs/performance.md). Without gradients (scoring, serving) it is eager attention."""
     import sys
 
     import torch
@@ -105,7 +100,7 @@ def _eager_recomputed(module, query, key, value, attention_mask, scaling, dropou
     if eager is None:
         raise MixtuneError(f"{type(module).__name__}: no eager attention in {type(module).__module__}; "
                            "mixtune trains on a CPU with the model's own eager attention")
-    if not (torch.is_grad_enabled() and module.training) or query.shape[-2] <= KEEP_SCORES_UP_TO:
+    if not (torch.is_grad_enabled() and module.training):
         return eager(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     out = checkpoint(lambda q, k, v, m: eager(module, q, k, v, m, scaling, dropout, **kwargs)[0],
                      query, key, value, attention_mask, use_reentrant=False)
