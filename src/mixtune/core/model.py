@@ -89,8 +89,9 @@ def _eager_recomputed(module, query, key, value, attention_mask, scaling, dropou
     keeping them: eager attention keeps each layer's probabilities for its backward, in fp32 and in bf16 (rows x
     heads x length^2: 14 MB a layer for a 512-token row, 0.4 GB over SmolLM2's 30), the largest part of a long
     row's pass. Recomputed, they live one layer at a time. The same kernels on the same shapes: the losses and the
-    adapter are bit for bit the same (test_train); r=0.9, 25 steps, the worst step 1,389 -> 1,015 MB above the
-    model, ~3% more time (docs/performance.md). Without gradients (scoring, serving) it is eager attention."""
+    adapter are bit for bit the same (test_train). Its price is time: r=0.9, 25 steps, two alternating pairs
+    (bench_memory --attention-only), peak 2,700 -> 2,352 MB and 162 -> 181 s, 12% slower (docs/performance.md).
+    Without gradients (scoring, serving) it is eager attention."""
     import sys
 
     import torch
