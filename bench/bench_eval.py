@@ -11,6 +11,9 @@ ceiling, same model, examples and run; and batched generation's own figure.
                against today's baseline, HF `generate` on batches in input order (a finished row decodes until
                its batch ends), on --generate free-form generalist questions with the longest answers (writing
                -like: hundreds of words), --max-new-tokens each; the same answers, and the speed-up (target 3x)
+    bound      the model's own matmuls alone (each layer's weights its own, at the rows scoring and generation
+               give them, at their precision), timed in this run: no scoring or generation of these examples can
+               be faster here, whatever else it saves; beside each target's time
 
 The tuned adapter (train/adapter) on the first --examples test articles; peak RSS above the loaded model.
 --generation-only measures generation alone, on the base model (no `make run` needed), and replaces only the
@@ -29,7 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import matmul_ceiling
+from common import matmul_ceiling, model_matmuls, shape_ceiling
+from report import SCORE_SPEEDUP
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "eval.json"
@@ -145,6 +149,9 @@ def main() -> None:
                     "utilisation": {k: flop / t_fast / v for k, v in ceilings.items()}},
         "naive": {"seconds_per_example": t_slow, "utilisation": {k: flop / t_slow / v for k, v in ceilings.items()}},
         "speedup": t_slow / t_fast, "max_abs_difference": diff,
+        # label scoring's matmuls alone (a batch's padded tokens as rows; no LM head, no adapter): a lower bound
+        "matmul_bound": {"rows": cfg.batch_size * score.ROW_TOKENS, "precision": prec, "seconds_per_example":
+                         tokens * matmul_seconds(model.config, cfg.batch_size * score.ROW_TOKENS, prec, False, 3)},
         "generation": {**generation(model, tokenizer, args, cfg, prec, ceilings), "model": "tuned adapter"},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -154,6 +161,9 @@ def main() -> None:
           f"({ceilings['fp32'] / 1e9:.0f} GFLOP/s), {u['bf16']:.0%} of bf16 ({ceilings['bf16'] / 1e9:.0f}); "
           f"peak RSS +{rss.above_mb:.0f} MB")
     print(f"naive      {t_slow:.3f} s/example: scoring is {t_slow / t_fast:.1f}x faster; max |difference| {diff:.1e}")
+    print(f"the model's matmuls alone ({prec}, {cfg.batch_size * score.ROW_TOKENS} rows): "
+          f"{result['matmul_bound']['seconds_per_example']:.3f} s/example; {SCORE_SPEEDUP:.0f}x per-option scoring "
+          f"needs {t_slow / SCORE_SPEEDUP:.3f} s")
     print_generation(result["generation"])
 
 
@@ -174,22 +184,54 @@ def generation(model, tokenizer, args, cfg, prec: str, ceilings: dict) -> dict:
         t = time.perf_counter()
         before = hf_generate(model, tokenizer, free, cfg.batch_size, args.max_new_tokens)
         t_before = (time.perf_counter() - t) / len(free)
-    gen_tokens = sum(len(score._prompt_ids(tokenizer, ex["prompt"])) for ex in free) / len(free) + sum(
-        len(tokenizer(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts) / len(free)
+    prompt_tokens = [len(score._prompt_ids(tokenizer, ex["prompt"])) for ex in free]
+    new_tokens = [len(tokenizer(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts]
+    gen_tokens = (sum(prompt_tokens) + sum(new_tokens)) / len(free)
     return {"date": time.strftime("%Y-%m-%d"), "examples": len(free), "max_new_tokens": args.max_new_tokens,
             "seconds_per_example": t_gen, "tokens_per_example": gen_tokens,
             "baseline_seconds_per_example": t_before, "speedup": t_before / t_gen,
             "same_answers": sum(a == b for a, b in zip(texts, before)), "target_speedup": TARGET_GENERATION,
             "peak_rss_above_mb": rss.above_mb, "baseline_peak_rss_above_mb": rss_before.above_mb,
-            "utilisation": {k: 2 * n_params * gen_tokens / t_gen / v for k, v in ceilings.items()}}
+            "utilisation": {k: 2 * n_params * gen_tokens / t_gen / v for k, v in ceilings.items()},
+            "matmul_bound": matmul_bound(model.config, cfg, args.max_new_tokens, prompt_tokens, new_tokens, prec)}
+
+
+def matmul_bound(config, cfg, max_new_tokens: int, prompt_tokens: list[int], new_tokens: list[int],
+                 prec: str) -> dict:
+    """The fastest generation the model's own matmuls allow here (`matmul_seconds`), at the rows score.generate
+    gives them: the prefill's at a prompt pass's padded tokens (batch_size x ROW_TOKENS), a decode step's at the
+    largest decoding batch (CACHE_TOKENS over the shortest prompts plus the answer limit), with the LM head."""
+    from mixtune.core import score
+    from mixtune.core.model import micro_batches
+
+    lengths = sorted(prompt_tokens)
+    decode_rows = max(j - i for i, j in micro_batches([n + max_new_tokens for n in lengths], score.CACHE_TOKENS))
+    prefill_rows = cfg.batch_size * score.ROW_TOKENS
+    per_token = {"prefill": matmul_seconds(config, prefill_rows, prec, head=False, reps=3),
+                 "decode": matmul_seconds(config, decode_rows, prec, head=True, reps=10)}
+    seconds = (sum(prompt_tokens) * per_token["prefill"] + sum(new_tokens) * per_token["decode"]) / len(lengths)
+    return {"prefill_rows": prefill_rows, "decode_rows": decode_rows, "precision": prec,
+            "seconds_per_token": per_token, "seconds_per_example": seconds}
+
+
+def matmul_seconds(config, rows: int, prec: str, head: bool, reps: int) -> float:
+    """Seconds per token of the model's matmuls alone at `rows` rows, measured in this run: every layer's
+    weights, each its own (read from memory as the model reads them), and with `head` the LM head. Attention,
+    norms and the rest are left out: nothing that runs these matmuls at `prec` can be faster."""
+    shapes = model_matmuls(config) * config.num_hidden_layers + ([(config.hidden_size, config.vocab_size)] if head
+                                                                 else [])
+    return 2 * sum(a * b for a, b in shapes) / shape_ceiling(shapes, rows, prec, reps)
 
 
 def print_generation(gen: dict) -> None:
-    g = gen["utilisation"]
+    g, b = gen["utilisation"], gen["matmul_bound"]
     print(f"generation {gen['seconds_per_example']:.3f} s/example ({gen['tokens_per_example']:.0f} tokens), "
           f"{g['fp32']:.0%} of fp32, {g['bf16']:.0%} of bf16, +{gen['peak_rss_above_mb']:.0f} MB; HF generate "
           f"{gen['baseline_seconds_per_example']:.3f} s, +{gen['baseline_peak_rss_above_mb']:.0f} MB: "
           f"{gen['speedup']:.1f}x, {gen['same_answers']} of {gen['examples']} answers the same")
+    print(f"the model's matmuls alone ({b['precision']}; prefill at {b['prefill_rows']} rows, decode at "
+          f"{b['decode_rows']}): {b['seconds_per_example']:.3f} s/example; {gen['target_speedup']:.0f}x HF generate "
+          f"needs {gen['baseline_seconds_per_example'] / gen['target_speedup']:.3f} s")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
     def missing(name, command):
         row(f"{name}: not measured", f"run `{command}`")
 
+    def bound(what, b, needed, target):
+        """The model's matmuls alone, timed in the same run: the least time any method can take here."""
+        row(f"{what}: the model's matmuls alone ({b['precision']}, same run)",
+            f"{b['seconds_per_example']:.3f} s/example", "", "",
+            f"{target} needs {needed:.3f} s: " + ("within reach" if b["seconds_per_example"] < needed
+                                                  else "below what these matmuls allow"))
+
     if (d := _load("data")) is None:
         missing("prepare, mix", "python bench/bench_data.py")
     else:
@@ -74,6 +81,11 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
             f"plain TRL script: {tps['baseline']:.0f} tokens/s, MFU {mfu['baseline']:.0%}", f"{d['speedup']:.2f}x",
             f">= {TRAIN_SPEEDUP:.0f}x (bf16 ceiling {d['bf16_matmul_gflops']:.0f} GFLOP/s, same run)",
             d["speedup"] >= TRAIN_SPEEDUP)
+        if (m := d.get("model_shapes")) is not None:
+            row(f"training on {what}: the model's own matmuls ({d['precision']}, {m['rows']} rows, same run)",
+                f"{m['efficiency']['mixtune']:.0%} of {m['gflops']:.0f} GFLOP/s",
+                f"{m['efficiency']['baseline']:.0%}",
+                f"{TRAIN_SPEEDUP:.0f}x needs {TRAIN_SPEEDUP * tps['baseline'] / m['tokens_per_second']:.0%}")
 
     if (d := _load("memory")) is None:
         missing("training memory", "python bench/bench_memory.py")
@@ -108,19 +120,22 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
             d["speedup"] >= SCORE_SPEEDUP and d["max_abs_difference"] <= 1e-4)
         row(f"scoring utilisation (fp32 ceiling {c['fp32']:.0f}, bf16 {c['bf16']:.0f} GFLOP/s, same run)",
             f"{s['utilisation']['bf16']:.0%} of bf16", f"{s['utilisation']['fp32']:.0%} of fp32")
+        if (b := d.get("matmul_bound")) is not None:
+            bound(f"label scoring ({b['rows']} rows)", b, n["seconds_per_example"] / SCORE_SPEEDUP,
+                  f"{SCORE_SPEEDUP:.0f}x")
         row("scoring: peak RSS above the loaded model", f"{s['peak_rss_above_model_mb']:.0f} MB")
-        if "speedup" in g:
-            row(f"generation ({g['examples']} free-form questions, up to {g['max_new_tokens']} new tokens, greedy; "
-                f"{g.get('model', 'tuned adapter')}{', ' + g['date'] if 'date' in g else ''})",
-                f"{g['seconds_per_example']:.3f} s/example, {g['utilisation']['fp32']:.0%} of fp32"
-                + (f", +{g['peak_rss_above_mb']:.0f} MB" if "peak_rss_above_mb" in g else ""),
-                f"HF generate in batches: {g['baseline_seconds_per_example']:.3f} s"
-                + (f", +{g['baseline_peak_rss_above_mb']:.0f} MB" if "baseline_peak_rss_above_mb" in g else ""),
-                f"{g['speedup']:.1f}x",
-                f">= {g['target_speedup']:.0f}x, same answers: {g['same_answers']} of {g['examples']}",
-                g["speedup"] >= g["target_speedup"] and g["same_answers"] == g["examples"])
-        else:
-            missing("generation against HF generate", "python bench/bench_eval.py")
+        row(f"generation ({g['examples']} free-form questions, up to {g['max_new_tokens']} new tokens, greedy; "
+            f"{g['model']}, {g['date']})",
+            f"{g['seconds_per_example']:.3f} s/example, {g['utilisation']['fp32']:.0%} of fp32, "
+            f"+{g['peak_rss_above_mb']:.0f} MB",
+            f"HF generate in batches: {g['baseline_seconds_per_example']:.3f} s, "
+            f"+{g['baseline_peak_rss_above_mb']:.0f} MB",
+            f"{g['speedup']:.1f}x",
+            f">= {g['target_speedup']:.0f}x, same answers: {g['same_answers']} of {g['examples']}",
+            g["speedup"] >= g["target_speedup"] and g["same_answers"] == g["examples"])
+        if (b := g.get("matmul_bound")) is not None:
+            bound(f"generation (prefill at {b['prefill_rows']} rows, decode at {b['decode_rows']})", b,
+                  g["baseline_seconds_per_example"] / g["target_speedup"], f"{g['target_speedup']:.0f}x")
 
     if (d := _load("search")) is None or "tasks" not in d:  # an older search's result measures another method
         missing("search against an 11-point grid", "python bench/bench_search.py")
