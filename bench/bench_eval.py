@@ -133,6 +133,7 @@ def main() -> None:
     tokens = sum(len(p) + sum(len(score._option_ids(tokenizer, ex["prompt"], p, o)) for o in ex["options"])
                  for ex, p in zip(examples, prompts)) / len(examples)
 
+    rows = cfg.batch_size * score.ROW_TOKENS  # a scoring batch's padded tokens at most
     with PeakRSS() as rss:
         t = time.perf_counter()
         fast = score.score_options(model, tokenizer, examples, cfg.batch_size, prec)
@@ -150,8 +151,8 @@ def main() -> None:
         "naive": {"seconds_per_example": t_slow, "utilisation": {k: flop / t_slow / v for k, v in ceilings.items()}},
         "speedup": t_slow / t_fast, "max_abs_difference": diff,
         # label scoring's matmuls alone (a batch's padded tokens as rows; no LM head, no adapter): a lower bound
-        "matmul_bound": {"rows": cfg.batch_size * score.ROW_TOKENS, "precision": prec, "seconds_per_example":
-                         tokens * matmul_seconds(model.config, cfg.batch_size * score.ROW_TOKENS, prec, False, 3)},
+        "matmul_bound": {"rows": rows, "precision": prec,
+                         "seconds_per_example": tokens * matmul_seconds(model.config, rows, prec, False, 3)},
         "generation": {**generation(model, tokenizer, args, cfg, prec, ceilings), "model": "tuned adapter"},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -161,7 +162,7 @@ def main() -> None:
           f"({ceilings['fp32'] / 1e9:.0f} GFLOP/s), {u['bf16']:.0%} of bf16 ({ceilings['bf16'] / 1e9:.0f}); "
           f"peak RSS +{rss.above_mb:.0f} MB")
     print(f"naive      {t_slow:.3f} s/example: scoring is {t_slow / t_fast:.1f}x faster; max |difference| {diff:.1e}")
-    print(f"the model's matmuls alone ({prec}, {cfg.batch_size * score.ROW_TOKENS} rows): "
+    print(f"the model's matmuls alone ({prec}, {rows} rows): "
           f"{result['matmul_bound']['seconds_per_example']:.3f} s/example; {SCORE_SPEEDUP:.0f}x per-option scoring "
           f"needs {t_slow / SCORE_SPEEDUP:.3f} s")
     print_generation(result["generation"])

@@ -142,7 +142,8 @@ def main() -> None:
           f"= {result['ceiling_tokens_per_second']:.0f} tokens/s for {n_params / 1e6:.1f}M params")
     print(f"the model's own matmuls ({prec}, {rows} rows): {shapes / 1e9:.0f} GFLOP/s = "
           f"{shapes / (4 * n_params):.0f} tokens/s; mixtune at {efficiency['mixtune']:.0%} of it, the baseline at "
-          f"{efficiency['baseline']:.0%}; {TRAIN_SPEEDUP:.0f}x the baseline would be {TRAIN_SPEEDUP * tps['baseline']:.0f} tokens/s")
+          f"{efficiency['baseline']:.0%}; {TRAIN_SPEEDUP:.0f}x the baseline would be "
+          f"{TRAIN_SPEEDUP * tps['baseline']:.0f} tokens/s")
     print("PASS" if speedup >= TRAIN_SPEEDUP else f"FAIL: under {TRAIN_SPEEDUP:.0f}x the baseline")
 
 
