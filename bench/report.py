@@ -119,12 +119,8 @@ def rows() -> list[tuple[str, str, str, str, str, str]]:
             d["speedup"] >= SCORE_SPEEDUP and d["max_abs_difference"] <= 1e-4)
         row(f"scoring utilisation (fp32 ceiling {c['fp32']:.0f}, bf16 {c['bf16']:.0f} GFLOP/s, same run)",
             f"{s['utilisation']['bf16']:.0%} of bf16", f"{s['utilisation']['fp32']:.0%} of fp32")
-        if "matmul_bound" in d:
-            b = d["matmul_bound"]
-            bound(f"label scoring ({b['rows']} rows)", b, n["seconds_per_example"] / SCORE_SPEEDUP,
-                  f"{SCORE_SPEEDUP:.0f}x")
-        else:  # a result from before the bound was measured (2026-12-07)
-            missing("label scoring: the model's matmuls alone", "python bench/bench_eval.py")
+        b = d["matmul_bound"]
+        bound(f"label scoring ({b['rows']} rows)", b, n["seconds_per_example"] / SCORE_SPEEDUP, f"{SCORE_SPEEDUP:.0f}x")
         row("scoring: peak RSS above the loaded model", f"{s['peak_rss_above_model_mb']:.0f} MB")
         row(f"generation ({g['examples']} free-form questions, up to {g['max_new_tokens']} new tokens, greedy; "
             f"{g['model']}, {g['date']})",
